@@ -1,0 +1,36 @@
+"""dyngen: efficient diffusion transformers (DiT, DiG, DyDiT) in JAX/Flax."""
+import setuptools
+
+# Versions are the ones the test suite was run with; ranges stay within the
+# minor releases we tested because JAX/Flax/Orbax APIs move between minors.
+INSTALL_REQUIRES = [
+    "jax>=0.10.2,<0.11",
+    "flax>=0.12.8,<0.13",
+    "optax>=0.2.8,<0.3",
+    "orbax-checkpoint>=0.12.8,<0.13",
+    "tensorflow-datasets>=4.9.10,<4.10",
+    "array-record>=0.8.6,<0.9",
+    "grain>=0.2.18,<0.3",
+    "ml-collections>=1.1.0,<1.2",
+    "clu>=0.0.12,<0.1",
+    "einops>=0.8.2,<0.9",
+    "numpy>=2.4,<2.5",
+    # clu's metric writers import tensorflow and tensorboard.
+    "tensorflow-cpu>=2.21,<2.22",
+    "tensorboard>=2.21,<2.22",
+    "pillow>=13.0,<14",
+    # The embedded quickstart dataset (8x8 digits) ships inside scikit-learn.
+    "scikit-learn>=1.9.1,<1.10",
+]
+
+setuptools.setup(
+    name="dyngen",
+    version="0.1.0",
+    description="Efficient diffusion transformers (DiT, DiG, DyDiT) in JAX/Flax, TPU-first.",
+    packages=setuptools.find_packages(include=["dyngen", "dyngen.*", "pallas_kernels", "pallas_kernels.*"]),
+    python_requires=">=3.11",
+    install_requires=INSTALL_REQUIRES,
+    extras_require={
+        "test": ["pytest>=9.2,<10", "pytest-xdist>=3.8,<4"],
+    },
+)
