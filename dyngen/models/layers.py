@@ -1,0 +1,267 @@
+"""Layers shared by every model family: embedders, adaLN modulation, final layer.
+
+Every parameter carries logical axis names (see `dyngen.sharding`) so the trainer can shard it:
+  embed: the model width D; mlp: MLP (and timestep-MLP) hidden; heads / kv: attention heads and per-head
+  dim; modulation: the 6D / 2D adaLN outputs; classes: label table rows; freq: sinusoid features;
+  patch: patch-pixel axes; out: final-layer outputs.
+Activations are constrained with their own names (batch, length, act_embed, act_mlp, act_heads) so that
+parameter and activation sharding rules can differ (FSDP shards parameters' embed, not activations').
+"""
+import math
+from typing import Any
+
+import einops
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+# DiT initialises every Linear with xavier-uniform and zero bias, then overrides a few layers.
+xavier_uniform = nn.initializers.xavier_uniform()
+zeros = nn.initializers.zeros_init()
+
+
+def partitioned(init, names):
+  return nn.with_logical_partitioning(init, names)
+
+
+def dense(features, names, kernel_init=xavier_uniform, bias_init=zeros, use_bias=True, dtype=None, name=None):
+  """A Dense layer with logical axis names `names` = (in_axis, out_axis) on its kernel."""
+  return nn.Dense(
+      features,
+      use_bias=use_bias,
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      kernel_init=partitioned(kernel_init, names),
+      bias_init=partitioned(bias_init, names[-1:]),
+      name=name,
+  )
+
+
+def modulate(x, shift, scale):
+  """adaLN modulation. x: (B, N, D); shift, scale: (B, D)."""
+  return x * (1 + scale[:, None, :]) + shift[:, None, :]
+
+
+def layer_norm(name=None):
+  """LayerNorm without affine parameters, eps 1e-6, computed in fp32 (as every official block uses)."""
+  return nn.LayerNorm(epsilon=1e-6, use_bias=False, use_scale=False, dtype=jnp.float32, name=name)
+
+
+def timestep_frequencies(t, dim=256, max_period=10000):
+  """Sinusoidal timestep features, [cos, sin] order as DiT.  t: (B,) -> (B, dim) float32."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = t.astype(jnp.float32)[:, None] * freqs[None]
+  emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+  if dim % 2:
+    emb = jnp.concatenate([emb, jnp.zeros_like(emb[:, :1])], axis=-1)
+  return emb
+
+
+class TimestepEmbedder(nn.Module):
+  """t (B,) -> (B, D): 256-frequency sinusoid -> Linear -> SiLU -> Linear."""
+  hidden_size: int
+  frequency_embedding_size: int = 256
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, t):
+    freq = timestep_frequencies(t, self.frequency_embedding_size)
+    init = nn.initializers.normal(0.02)
+    h = dense(self.hidden_size, ("freq", "mlp"), kernel_init=init, dtype=self.dtype, name="fc1")(freq)
+    h = nn.silu(h)
+    return dense(self.hidden_size, ("mlp", "embed"), kernel_init=init, dtype=self.dtype, name="fc2")(h)
+
+
+class LabelEmbedder(nn.Module):
+  """y (B,) -> (B, D). Row `num_classes` is the null class used for classifier-free guidance.
+
+  With `train=True` each label is replaced by the null class with probability `dropout_prob`, drawn from
+  the "label_dropout" rng stream; `force_drop` (B,) bool drops the marked rows regardless.
+  """
+  num_classes: int
+  hidden_size: int
+  dropout_prob: float
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, y, train=False, force_drop=None):
+    use_cfg_embedding = self.dropout_prob > 0
+    table = nn.Embed(
+        self.num_classes + int(use_cfg_embedding),
+        self.hidden_size,
+        dtype=self.dtype,
+        param_dtype=jnp.float32,
+        embedding_init=partitioned(nn.initializers.normal(0.02), ("classes", "embed")),
+        name="embedding_table",
+    )
+    drop = None
+    if train and self.dropout_prob > 0:
+      drop = jax.random.uniform(self.make_rng("label_dropout"), y.shape) < self.dropout_prob
+    if force_drop is not None:
+      drop = force_drop if drop is None else drop | force_drop
+    if drop is not None:
+      y = jnp.where(drop, self.num_classes, y)
+    return table(y)
+
+
+def sincos_pos_embed_2d(embed_dim, grid_size):
+  """Fixed 2-D sin-cos positional table, (grid_size**2, embed_dim) float32, tokens in row-major order.
+
+  As DiT/MAE: the first half of the channels encodes the column index, the second half the row index,
+  each as [sin, cos] over embed_dim/4 frequencies 1/10000**(i/(embed_dim/4)). Computed in float64.
+  """
+  if embed_dim % 4:
+    raise ValueError(f"hidden_size must be a multiple of 4 for the 2-D sin-cos embedding, got {embed_dim}")
+
+  def one_axis(dim, pos):
+    omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+    angles = np.outer(pos.reshape(-1), omega)
+    return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+  rows, cols = np.meshgrid(np.arange(grid_size, dtype=np.float64), np.arange(grid_size, dtype=np.float64),
+                           indexing="ij")
+  table = np.concatenate([one_axis(embed_dim // 2, cols), one_axis(embed_dim // 2, rows)], axis=1)
+  return table.astype(np.float32)
+
+
+class PatchEmbed(nn.Module):
+  """(B, H, W, C) -> (B, (H/p)*(W/p), D) with a stride-p convolution; tokens in row-major order."""
+  patch_size: int
+  hidden_size: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    p = self.patch_size
+    # Xavier over the flattened (D, C*p*p) view of the conv weight, as DiT initialises it.
+    init = nn.initializers.xavier_uniform(in_axis=(0, 1, 2), out_axis=3)
+    x = nn.Conv(
+        self.hidden_size, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype, param_dtype=jnp.float32,
+        kernel_init=partitioned(init, ("patch", "patch", "patch", "embed")),
+        bias_init=partitioned(zeros, ("embed",)), name="proj")(x)
+    return einops.rearrange(x, "b h w d -> b (h w) d")
+
+
+def adaln_modulation(c, hidden_size, chunks, dtype, name="adaLN_modulation"):
+  """c (B, D) -> `chunks` tensors (B, D): SiLU -> zero-initialised Linear (adaLN-Zero).
+
+  A function, not a Module, so the Linear's parameters sit directly under the caller as `name`.
+  """
+  out = dense(chunks * hidden_size, ("embed", "modulation"), kernel_init=zeros, dtype=dtype, name=name)(nn.silu(c))
+  return jnp.split(out, chunks, axis=-1)
+
+
+class FinalLayer(nn.Module):
+  """(B, N, D) -> (B, N, p*p*C_out): LN (no affine) -> adaLN shift/scale -> zero-initialised Linear."""
+  hidden_size: int
+  patch_size: int
+  out_channels: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, c):
+    shift, scale = adaln_modulation(c, self.hidden_size, 2, self.dtype)
+    x = modulate(layer_norm()(x), shift, scale).astype(self.dtype)
+    return dense(self.patch_size ** 2 * self.out_channels, ("embed", "out"), kernel_init=zeros,
+                 dtype=self.dtype, name="linear")(x)
+
+
+def unpatchify(x, patch_size, channels, grid_size):
+  """(B, N, p*p*C) with the (p, q, c) output order of DiT -> (B, H, W, C)."""
+  return einops.rearrange(x, "b (h w) (p q c) -> b (h p) (w q) c", h=grid_size, w=grid_size,
+                          p=patch_size, q=patch_size, c=channels)
+
+
+class DiffusionBackbone(nn.Module):
+  """The frame every family shares: embed patches + conditioning, run `blocks`, project back.
+
+  Subclasses implement `blocks(x, c, train) -> x` (x: (B, N, D), c: (B, D)).
+  """
+  input_size: int = 32
+  patch_size: int = 2
+  in_channels: int = 4
+  hidden_size: int = 1152
+  depth: int = 28
+  num_heads: int = 16
+  mlp_ratio: float = 4.0
+  class_dropout_prob: float = 0.1
+  num_classes: int = 1000
+  learn_sigma: bool = True
+  dtype: str = "float32"
+  remat: bool = False
+
+  @property
+  def out_channels(self):
+    return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+  @property
+  def grid_size(self):
+    return self.input_size // self.patch_size
+
+  @property
+  def num_tokens(self):
+    return self.grid_size ** 2
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  def validate(self):
+    """Raises ValueError naming the field when the configuration cannot describe a model."""
+    positive = ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "num_classes")
+    for field in positive:
+      value = getattr(self, field)
+      if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"model.{field} must be a positive int, got {value!r}")
+    if self.input_size % self.patch_size:
+      raise ValueError(f"model.input_size={self.input_size} is not divisible by model.patch_size={self.patch_size}")
+    if self.hidden_size % self.num_heads:
+      raise ValueError(f"model.hidden_size={self.hidden_size} is not divisible by model.num_heads={self.num_heads}")
+    if self.hidden_size % 4:
+      raise ValueError(f"model.hidden_size={self.hidden_size} must be a multiple of 4 (2-D sin-cos embedding)")
+    if not 0 <= self.class_dropout_prob < 1:
+      raise ValueError(f"model.class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
+    if self.dtype not in ("float32", "bfloat16", "float64"):
+      raise ValueError(f"model.dtype must be 'float32' or 'bfloat16' (float64 for tests), got {self.dtype!r}")
+
+  def embed(self, x, t, y, train, force_drop=None):
+    """Returns tokens (B, N, D) and the conditioning c (B, D)."""
+    if x.shape[1:] != (self.input_size, self.input_size, self.in_channels):
+      raise ValueError(f"expected x of shape (B, {self.input_size}, {self.input_size}, {self.in_channels}) "
+                       f"(NHWC), got {x.shape}")
+    dtype = self.compute_dtype
+    tokens = PatchEmbed(self.patch_size, self.hidden_size, dtype, name="x_embedder")(x.astype(dtype))
+    pos = jnp.asarray(sincos_pos_embed_2d(self.hidden_size, self.grid_size))
+    tokens = tokens + pos.astype(tokens.dtype)[None]
+    c = TimestepEmbedder(self.hidden_size, dtype=dtype, name="t_embedder")(t)
+    c = c + LabelEmbedder(self.num_classes, self.hidden_size, self.class_dropout_prob, dtype,
+                          name="y_embedder")(y, train, force_drop)
+    return tokens, c
+
+  def blocks(self, x, c, train):
+    raise NotImplementedError
+
+  @nn.compact
+  def __call__(self, x, t, y, train=False, force_drop=None):
+    """x: (B, H, W, C) NHWC; t: (B,) original timesteps; y: (B,) labels -> (B, H, W, C_out) float32."""
+    tokens, c = self.embed(x, t, y, train, force_drop)
+    tokens = nn.with_logical_constraint(tokens, ("batch", "length", "act_embed"))
+    tokens = self.blocks(tokens, c, train)
+    out = FinalLayer(self.hidden_size, self.patch_size, self.out_channels, self.compute_dtype,
+                     name="final_layer")(tokens, c)
+    return unpatchify(out, self.patch_size, self.out_channels, self.grid_size).astype(jnp.float32)
+
+
+def xavier_uniform_fused(fan_in, fan_out):
+  """Xavier-uniform for a kernel stored with split output (or input) axes, using the fans of the
+  equivalent 2-D (fan_in, fan_out) Linear, as the official code initialises its fused qkv/proj layers."""
+  limit = (6.0 / (fan_in + fan_out)) ** 0.5
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -limit, limit)
+
+  return init
