@@ -1,0 +1,188 @@
+"""DiT model: sizes, FLOPs, attention implementations, dtype/remat options and config errors.
+
+Numerical parity with the official code is in test_dit_fixture.py; here the references are the DiT
+paper's tables, the official parameter counts and one implementation against another.
+"""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from dyngen import models
+from dyngen.models import attention
+from dyngen.models import flops
+
+
+def dit_config(variant="S/2", **overrides):
+  fields = dict(name="dit", input_size=32, in_channels=4, mlp_ratio=4.0, class_dropout_prob=0.1,
+                num_classes=1000, learn_sigma=True, **models.variant(variant))
+  fields.update(overrides)
+  return ml_collections.ConfigDict(fields)
+
+
+def tiny_config(**overrides):
+  fields = dict(name="dit", input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4,
+                mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=10, learn_sigma=True)
+  fields.update(overrides)
+  return ml_collections.ConfigDict(fields)
+
+
+def inputs(config, batch=2, seed=0):
+  kx, kt, ky = jax.random.split(jax.random.key(seed), 3)
+  x = jax.random.normal(kx, (batch, config.input_size, config.input_size, config.in_channels))
+  t = jax.random.randint(kt, (batch,), 0, 1000)
+  y = jax.random.randint(ky, (batch,), 0, config.num_classes)
+  return x, t, y
+
+
+def random_params(model, config, seed=1):
+  """Init, then perturb every parameter: the official init zeroes adaLN and final layers (output = 0)."""
+  params = nn.unbox(model.init({"params": jax.random.key(seed)}, *inputs(config))["params"])
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+  return tree.unflatten([p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+
+
+def count_params(config):
+  model = models.build(config)
+  shapes = jax.eval_shape(model.init, {"params": jax.random.key(0)}, *inputs(config, batch=1))
+  return sum(x.size for x in jax.tree.leaves(nn.unbox(shapes["params"])))
+
+
+# DiT paper, Table 4 (Gflops, fvcore: a multiply-add is one flop).
+PAPER_GFLOPS = {"S/2": 6.06, "S/4": 1.41, "S/8": 0.36, "B/2": 23.01, "B/4": 5.56, "B/8": 1.42,
+                "L/2": 80.71, "L/4": 19.70, "L/8": 5.01, "XL/2": 118.64, "XL/4": 29.05, "XL/8": 7.39}
+
+
+@pytest.mark.parametrize("variant", sorted(PAPER_GFLOPS))
+def test_gflops_match_paper(variant):
+  # The paper rounds to 2 decimals; 1% covers that for the smallest (0.36) entry too.
+  assert flops.gflops(dit_config(variant)) == pytest.approx(PAPER_GFLOPS[variant], rel=0.01)
+
+
+def test_parameter_count_matches_official_xl2():
+  # The official DiT-XL/2 has 675,129,632 parameters, counting the fixed (256, 1152) pos_embed that
+  # PyTorch stores as a frozen Parameter; dyngen computes that table instead of storing it.
+  assert count_params(dit_config("XL/2")) + 256 * 1152 == 675_129_632
+
+
+def test_variant_parsing_and_errors():
+  assert models.variant("B/4") == dict(depth=12, hidden_size=768, num_heads=12, patch_size=4)
+  for bad in ("M/2", "S/3", "S", "XL/two"):
+    with pytest.raises(ValueError, match="unknown model variant"):
+      models.variant(bad)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("patch_size", 3, "not divisible by model.patch_size"),
+    ("num_heads", 5, "not divisible by model.num_heads"),
+    ("depth", 0, "model.depth must be a positive int"),
+    ("hidden_size", 64.0, "model.hidden_size must be a positive int"),
+    ("dtype", "float16", "model.dtype"),
+    ("class_dropout_prob", 1.5, "class_dropout_prob"),
+])
+def test_bad_config_values_are_named(field, value, message):
+  with pytest.raises(ValueError, match=message):
+    models.build(tiny_config(**{field: value}))
+
+
+def test_unknown_field_and_family():
+  with pytest.raises(ValueError, match=r"unknown model config field\(s\) \['hiden_size'\]"):
+    models.build(tiny_config(hiden_size=64))
+  with pytest.raises(ValueError, match="unknown model name 'ditt'"):
+    models.build(tiny_config(name="ditt"))
+
+
+def test_wrong_input_shape_is_named():
+  config = tiny_config()
+  model = models.build(config)
+  with pytest.raises(ValueError, match=r"expected x of shape \(B, 8, 8, 4\)"):
+    model.init({"params": jax.random.key(0)}, jnp.zeros((1, 4, 8, 8)), jnp.zeros((1,), jnp.int32),
+               jnp.zeros((1,), jnp.int32))
+
+
+def test_output_shape_and_learn_sigma_off():
+  for learn_sigma, channels in ((True, 8), (False, 4)):
+    config = tiny_config(learn_sigma=learn_sigma, patch_size=4, num_classes=3)
+    model = models.build(config)
+    params = random_params(model, config)
+    out = model.apply({"params": params}, *inputs(config))
+    assert out.shape == (2, 8, 8, channels)
+
+
+def test_initial_model_outputs_zero():
+  # adaLN-Zero: the final linear is zero-initialised, so a freshly initialised model predicts exactly 0.
+  config = tiny_config()
+  model = models.build(config)
+  variables = model.init({"params": jax.random.key(0)}, *inputs(config))
+  assert float(jnp.abs(model.apply(variables, *inputs(config))).max()) == 0.0
+
+
+def test_chunked_attention_matches_plain_forward_and_grad():
+  # Same function, different evaluation order: fp32 rounding only (~1e-6 relative).
+  config = tiny_config(input_size=16)
+  x, t, y = inputs(config)
+  params = random_params(models.build(config), config)
+
+  def loss(params, implementation):
+    model = models.build(tiny_config(input_size=16, attention=implementation, attention_chunk_size=24))
+    return jnp.sum(model.apply({"params": params}, x, t, y) ** 2)
+
+  plain, plain_grad = jax.value_and_grad(loss)(params, "xla")
+  chunked, chunked_grad = jax.value_and_grad(loss)(params, "chunked")
+  np.testing.assert_allclose(chunked, plain, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(chunked_grad), jax.tree.leaves(plain_grad)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.abs(b).max()))
+
+
+def test_chunked_attention_against_numpy_float64():
+  rng = np.random.default_rng(0)
+  q, k, v = (rng.standard_normal((2, 37, 3, 8)) for _ in range(3))
+  scores = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(8)
+  probs = np.exp(scores - scores.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  expected = np.einsum("bhqk,bkhd->bqhd", probs, v)
+  got = attention.dot_product_attention(*(jnp.asarray(a, jnp.float32) for a in (q, k, v)), "chunked", 10)
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_auto_selection():
+  assert attention.resolve_implementation("auto", 256, jnp.float32, "cpu") == "xla"
+  assert attention.resolve_implementation("auto", 4096, jnp.float32, "cpu") == "chunked"
+  assert attention.resolve_implementation("auto", 1024, jnp.float32, "tpu") == "pallas_tpu"
+  assert attention.resolve_implementation("auto", 256, jnp.bfloat16, "gpu") == "cudnn"
+  with pytest.raises(ValueError, match="attention implementation must be one of"):
+    attention.resolve_implementation("flash", 256, jnp.float32)
+
+
+def test_remat_and_bfloat16():
+  config = tiny_config()
+  x, t, y = inputs(config)
+  params = random_params(models.build(config), config)
+  reference = models.build(config).apply({"params": params}, x, t, y)
+  remat = models.build(tiny_config(remat=True)).apply({"params": params}, x, t, y)
+  np.testing.assert_allclose(remat, reference, rtol=1e-6, atol=1e-6)
+  # bf16 compute keeps ~3 significant digits; fp32 params are left untouched.
+  bf16 = models.build(tiny_config(dtype="bfloat16")).apply({"params": params}, x, t, y)
+  assert bf16.dtype == jnp.float32
+  assert float(jnp.abs(bf16 - reference).max()) < 5e-2 * float(jnp.abs(reference).max())
+
+
+def test_label_dropout_uses_null_class():
+  config = tiny_config()
+  model = models.build(config)
+  x, t, y = inputs(config)
+  params = random_params(model, config)
+  null = model.apply({"params": params}, x, t, jnp.full_like(y, config.num_classes))
+  forced = model.apply({"params": params}, x, t, y, force_drop=jnp.array([True, True]))
+  np.testing.assert_array_equal(forced, null)
+  # With probability 0.1 over 4000 labels, the dropped fraction is 0.1 ± 0.015 (3 sigma ≈ 0.014).
+  embedder = models.layers.LabelEmbedder(10, 4, 0.1)
+  labels = jnp.zeros((4000,), jnp.int32)
+  ev = embedder.init({"params": jax.random.key(0)}, labels)
+  table = ev["params"]["embedding_table"]["embedding"]
+  out = embedder.apply(ev, labels, train=True, rngs={"label_dropout": jax.random.key(3)})
+  dropped = np.asarray(jnp.all(out == nn.unbox(table)[10], axis=-1)).mean()
+  assert abs(dropped - 0.1) < 0.015
