@@ -15,6 +15,8 @@ import os
 import pathlib
 import pickle
 import struct
+import subprocess
+import sys
 import zipfile
 
 import ml_collections
@@ -22,6 +24,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from dyngen import checkpoint
 from dyngen.convert import dit as dit_rules
 from dyngen.convert import load
 from dyngen.convert import param_mapping
@@ -264,6 +267,18 @@ def test_not_a_checkpoint(tmp_path):
   (tmp_path / "x.pt").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100))
   with pytest.raises(CheckpointFormatError, match="not a PyTorch checkpoint"):
     read_torch_checkpoint(tmp_path / "x.pt")
+  official = (DATA / "dit_tiny" / "checkpoint.pt").read_bytes()
+  (tmp_path / "cut.pt").write_bytes(official[:len(official) // 2])  # the zip directory is at the end
+  with pytest.raises(CheckpointFormatError, match="not a PyTorch checkpoint"):
+    read_torch_checkpoint(tmp_path / "cut.pt")
+
+
+def test_truncated_pickle(tmp_path):
+  buffer = io.BytesIO()
+  TorchLikePickler(buffer).dump(strided_state_dict(np.float32, "FloatStorage"))
+  write_zip_checkpoint(tmp_path / "x.pt", {}, data_pkl=buffer.getvalue()[:200])
+  with pytest.raises(CheckpointFormatError, match="corrupt or truncated checkpoint"):
+    read_torch_checkpoint(tmp_path / "x.pt")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -414,3 +429,44 @@ def test_pos_embed_values_are_checked(dit_tiny):
 def test_unknown_family():
   with pytest.raises(ValueError, match=r"no PyTorch converter for model family 'nosuch'"):
     load.family_rules("nosuch")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The command line: python -m dyngen.convert (a subprocess: absl flags are process-global).
+
+def run_cli(tmp_path, *flags):
+  config_file = tmp_path / "tiny_config.py"
+  config_file.write_text(
+      "import ml_collections\n\n\ndef get_config(arg=None):\n"
+      f"  return ml_collections.ConfigDict(dict(model={dict(tiny_config())!r}))\n")
+  return subprocess.run(
+      [sys.executable, "-m", "dyngen.convert", f"--config={config_file}",
+       f"--torch_checkpoint={DATA / 'dit_tiny' / 'checkpoint.pt'}", *flags],
+      capture_output=True, text=True, timeout=300, cwd=pathlib.Path(__file__).parent.parent)
+
+
+def test_cli_writes_an_inference_checkpoint(tmp_path, dit_tiny):
+  result = run_cli(tmp_path, f"--output={tmp_path / 'out'}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "182,176 parameters" in result.stdout  # 183,200 in torch minus the 16x64 fixed pos_embed
+  config, params = checkpoint.load_for_inference(tmp_path / "out")
+  assert config.model.to_dict() == tiny_config().to_dict()
+  got, want = dict(_flat_items(params)), dict(_flat_items(dit_tiny[1]))
+  assert got.keys() == want.keys()
+  for path, value in want.items():
+    np.testing.assert_array_equal(np.asarray(got[path]), value, err_msg=path)
+
+
+def _flat_items(tree, prefix=""):
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      yield from _flat_items(value, f"{prefix}{key}/")
+    else:
+      yield f"{prefix}{key}", value
+
+
+def test_cli_reports_a_mismatch_and_writes_nothing(tmp_path):
+  result = run_cli(tmp_path, "--config.model.depth=3", f"--output={tmp_path / 'out'}")
+  assert result.returncode == 1
+  assert "cannot convert" in result.stderr and "missing in the checkpoint (10):" in result.stderr
+  assert not (tmp_path / "out").exists()

@@ -237,9 +237,10 @@ class SafeUnpickler(pickle.Unpickler):
     view = pid[5] if self.legacy else None
     if view is None:
       return root
+    if not (isinstance(view, tuple) and len(view) == 3 and all(isinstance(v, int) for v in view[1:])
+            and 0 <= view[1] and 0 <= view[2] and view[1] + view[2] <= root.numel):
+      raise CheckpointFormatError(f"{self.source}: storage view {view!r} is not a part of storage {key}")
     _view_key, offset, view_numel = view
-    if offset + view_numel > root.numel:
-      raise CheckpointFormatError(f"{self.source}: storage view {view!r} exceeds storage {key}")
     return StorageRef(key, root.dtype, view_numel, element_offset=offset)
 
 
@@ -269,6 +270,11 @@ class TorchCheckpoint:
         self._open_zip()
       else:
         self._open_legacy()
+    except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, struct.error) as error:
+      self._file.close()
+      if isinstance(error, UnsafeCheckpointError):
+        raise
+      raise CheckpointFormatError(f"{self.path}: corrupt or truncated checkpoint ({error})") from error
     except BaseException:
       self._file.close()
       raise
@@ -298,6 +304,7 @@ class TorchCheckpoint:
     unpickler = SafeUnpickler(io.BytesIO(self._zip.read(pickles[0])), self.path)
     self.tree = unpickler.load()
     self._storages = unpickler.storages
+    self._read_storage = self._read_zip_storage
 
   def _read_zip_storage(self, key):
     try:
@@ -320,6 +327,7 @@ class TorchCheckpoint:
     self.tree = unpickler.load()
     keys = SafeUnpickler(f, self.path).load()
     self._storages = unpickler.storages
+    self._read_storage = self._read_legacy_storage
     self.byteorder = "little"  # the legacy writer stores counts and elements little-endian
     # Index each storage's bytes: int64 element count, then the elements.
     self._legacy_offsets = {}
@@ -328,6 +336,9 @@ class TorchCheckpoint:
       if key not in self._storages:
         raise CheckpointFormatError(f"{self.path}: storage {key} is listed but never used")
       (numel,) = struct.unpack("<q", f.read(8))
+      if numel != self._storages[key].numel:
+        raise CheckpointFormatError(f"{self.path}: storage {key} holds {numel} elements, the pickle says "
+                                    f"{self._storages[key].numel}")
       nbytes = numel * self._storages[key].dtype.itemsize
       self._legacy_offsets[key] = (f.tell(), nbytes)
       f.seek(nbytes, io.SEEK_CUR)
@@ -345,8 +356,7 @@ class TorchCheckpoint:
 
     def storage_array(storage):
       if storage.key not in raw:
-        read = self._read_zip_storage if hasattr(self, "_zip") else self._read_legacy_storage
-        raw[storage.key] = read(storage.key)
+        raw[storage.key] = self._read_storage(storage.key)
       return _storage_array(raw[storage.key], storage, self.byteorder, self.path)
 
     def tensor(ref):

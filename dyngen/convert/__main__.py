@@ -1,0 +1,53 @@
+r"""Converts an official PyTorch checkpoint (DiT, ...) into a dyngen Orbax checkpoint for sampling.
+
+  python -m dyngen.convert --config=configs/dit_xl.py --torch_checkpoint=DiT-XL-2-256x256.pt \
+      --output=/tmp/dit_xl_256
+  python -m dyngen.convert --config=configs/dit_xl.py --config.model.input_size=64 \
+      --torch_checkpoint=DiT-XL-2-512x512.pt --output=/tmp/dit_xl_512
+
+`config.model` must describe the checkpoint's architecture (`--config.model.<field>=` overrides any field);
+a mismatch stops with the list of missing, unexpected and mis-shaped tensors. The file is read without
+torch and without running code stored in it. The output holds the weights as the EMA params of a
+checkpoint, with the whole config, so that `dyngen.checkpoint.load_for_inference(output)` and
+`python -m dyngen.main --mode=sample --workdir=...` read it.
+"""
+import pickle
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+
+from dyngen import checkpoint
+from dyngen.convert import load
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file whose `model` describes the checkpoint: configs/<name>.py[:arg].",
+    lock_config=True)
+_TORCH_CHECKPOINT = flags.DEFINE_string("torch_checkpoint", None, "The PyTorch .pt/.pth file to convert.")
+_OUTPUT = flags.DEFINE_string("output", None, "A new or empty directory (local or gs://) for the Orbax checkpoint.")
+_STEP = flags.DEFINE_integer("step", 0, "Training step to record the weights under (the step folder's name).")
+flags.mark_flags_as_required(["config", "torch_checkpoint", "output"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}; fields are set with --config.<field>=<value>.")
+  config = _CONFIG.value
+  if "model" not in config:
+    raise app.UsageError("the config has no `model` field describing the checkpoint's architecture.")
+  try:
+    params = load.load_torch_params(_TORCH_CHECKPOINT.value, config.model)
+  except (OSError, ValueError, pickle.UnpicklingError) as error:  # unreadable, unsafe or not fitting the model
+    sys.exit(f"cannot convert {_TORCH_CHECKPOINT.value}: {type(error).__name__}: {error}")
+  count = sum(p.size for p in jax.tree.leaves(params))
+  path = checkpoint.save_inference_checkpoint(_OUTPUT.value, config, params, step=_STEP.value)
+  logging.info("Converted %s (%d parameters, %s) to %s", _TORCH_CHECKPOINT.value, count,
+               load.describe(config.model), path)
+  print(f"wrote {path} ({count:,} parameters)")
+
+
+if __name__ == "__main__":
+  app.run(main)
