@@ -1,0 +1,14 @@
+"""Gaussian diffusion (DiT semantics): schedules and respacing, training losses, DDPM / DDIM loops, guidance.
+
+  diffusion = create_diffusion("250")                      # or "" for training, "ddim50", "10,15,20"
+  model_fn = guided_model_fn(apply_fn, y, cfg_scale=4.0)   # classifier-free guidance on a doubled batch
+  x0 = jax.jit(lambda x: diffusion.p_sample_loop(model_fn, x, key=key))(x_T)
+"""
+from dyngen.diffusion.gaussian_diffusion import GaussianDiffusion
+from dyngen.diffusion.gaussian_diffusion import LossType
+from dyngen.diffusion.gaussian_diffusion import MeanType
+from dyngen.diffusion.gaussian_diffusion import Trajectory
+from dyngen.diffusion.gaussian_diffusion import VarianceType
+from dyngen.diffusion.gaussian_diffusion import create_diffusion
+from dyngen.diffusion.guidance import guided_model_fn
+from dyngen.diffusion.schedules import space_timesteps
