@@ -54,18 +54,46 @@ def dit_macs(model_config):
   return counts
 
 
-FAMILY_COUNTERS = {"dit": dit_macs}
+def dig_macs(model_config, convention="complete"):
+  """DiG blocks: GLA projections, low-rank gate, SwiGLU, depthwise conv; per-head key dim D/2/H.
+
+  convention "paper" leaves out what the DiG paper's fvcore count cannot see (the Triton GLA core, the
+  jiterator SwiGLU down-projection, the fused norm-gate); "complete" counts them, the GLA core in its
+  recurrent form (2 * key_dim * head_v_dim per token: state update and readout).
+  """
+  from dyngen.models import dig  # Local import: dig imports the Pallas kernels package.
+  s = Shape.of(model_config)
+  key_dim, value_dim = s.width // 2, s.width
+  head_v = value_dim // model_config.num_heads
+  hidden = dig.swiglu_hidden_size(s.width, model_config.mlp_ratio)
+  low_rank = 16
+  counts = frame_macs(s)
+  counts["adaln"] = s.depth * 6 * s.width ** 2
+  counts["gla_projections"] = s.depth * s.tokens * s.width * (2 * key_dim + 2 * value_dim + value_dim)
+  counts["gla_gate"] = s.depth * s.tokens * low_rank * (s.width + key_dim)
+  counts["swiglu_in"] = s.depth * s.tokens * s.width * 2 * hidden
+  counts["depthwise_conv"] = s.depth * s.tokens * s.width * 9
+  if convention == "complete":
+    counts["gla_core"] = s.depth * s.tokens * 2 * key_dim * head_v
+    counts["swiglu_out"] = s.depth * s.tokens * hidden * s.width
+    counts["norm_gate"] = s.depth * s.tokens * 2 * value_dim
+  elif convention != "paper":
+    raise ValueError(f"convention must be 'complete' or 'paper', got {convention!r}")
+  return counts
 
 
-def count_flops(model_config):
-  """Per-sample forward flops (multiply-adds) by component."""
+FAMILY_COUNTERS = {"dit": dit_macs, "dig": dig_macs}
+
+
+def count_flops(model_config, **kwargs):
+  """Per-sample forward flops (multiply-adds) by component; kwargs go to the family's counter."""
   try:
     counter = FAMILY_COUNTERS[model_config.name]
   except KeyError:
     raise ValueError(f"no FLOPs counter for model family {model_config.name!r}; "
                      f"known: {sorted(FAMILY_COUNTERS)}") from None
-  return counter(model_config)
+  return counter(model_config, **kwargs)
 
 
-def gflops(model_config):
-  return sum(count_flops(model_config).values()) / 1e9
+def gflops(model_config, **kwargs):
+  return sum(count_flops(model_config, **kwargs).values()) / 1e9

@@ -256,10 +256,10 @@ class DiffusionBackbone(nn.Module):
     return unpatchify(out, self.patch_size, self.out_channels, self.grid_size).astype(jnp.float32)
 
 
-def xavier_uniform_fused(fan_in, fan_out):
+def xavier_uniform_fused(fan_in, fan_out, gain=1.0):
   """Xavier-uniform for a kernel stored with split output (or input) axes, using the fans of the
   equivalent 2-D (fan_in, fan_out) Linear, as the official code initialises its fused qkv/proj layers."""
-  limit = (6.0 / (fan_in + fan_out)) ** 0.5
+  limit = gain * (6.0 / (fan_in + fan_out)) ** 0.5
 
   def init(key, shape, dtype=jnp.float32):
     return jax.random.uniform(key, shape, dtype, -limit, limit)

@@ -1,0 +1,189 @@
+"""DiG: DiT with softmax attention replaced by Gated Linear Attention (Zhu et al. 2024, hustvl/DiG).
+
+Block (the official trained variant: bid_mode "layer", depthwise conv, four scan directions):
+  h += gate1 * GLA(modulate(LN(h)));  h += gate2 * SwiGLU(modulate(LN(h)));  h = dwconv3x3(h on the grid)
+and between blocks the sequence is reversed after every block and the token grid transposed after odd
+blocks, so the blocks scan in raster, reversed raster, column-major and reversed column-major order.
+
+dyngen never materialises the reversals: it keeps the stream in a physical order and remembers whether the
+official (logical) order is its reverse. A reversed stream runs the GLA anti-causally (`reverse=True`) and
+the depthwise conv with its kernel rotated by 180°, which is the same function. Only the transposes (one
+per two blocks) move data. After a multiple of four blocks both flags are back to the identity.
+"""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dyngen.models import layers
+from pallas_kernels import gla
+
+# GLA linears are initialised xavier-uniform with gain 2**-2.5 (fla's GatedLinearAttention).
+GLA_INIT_GAIN = 2 ** -2.5
+
+
+def swiglu_hidden_size(hidden_size, mlp_ratio=4.0):
+  """256 * ceil(floor(2/3 * ratio * D) / 256): 1024, 2048, 2816, 3072 for DiG-S, B, L, XL."""
+  return 256 * -(-int(hidden_size * mlp_ratio * 2 / 3) // 256)
+
+
+class GatedLinearAttention(nn.Module):
+  """fla's GatedLinearAttention as DiG configures it. x: (B, N, D) -> (B, N, D).
+
+  q, k: D -> D*expand_k; v, g: D -> D*expand_v; no biases. Gate: log α = logsigmoid(W2 W1 x + b) / 16 with a
+  rank-16 W1. Output: per-head RMSNorm(o) * weight * swish(g), then o_proj.
+  """
+  num_heads: int
+  expand_k: float = 0.5
+  expand_v: float = 1.0
+  gate_low_rank_dim: int = 16
+  gate_logit_normalizer: float = 16.0
+  implementation: str = "auto"
+  chunk_size: int = 64
+  dtype: layers.Dtype = jnp.float32
+
+  def head_projection(self, x, head_dim, name):
+    width = x.shape[-1]
+    init = layers.xavier_uniform_fused(width, self.num_heads * head_dim, GLA_INIT_GAIN)
+    return nn.DenseGeneral((self.num_heads, head_dim), use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
+                           kernel_init=layers.partitioned(init, ("embed", "heads", "kv")), name=name)(x)
+
+  @nn.compact
+  def __call__(self, x, reverse=False):
+    width = x.shape[-1]
+    key_dim, value_dim = int(width * self.expand_k), int(width * self.expand_v)
+    head_k, head_v = key_dim // self.num_heads, value_dim // self.num_heads
+    q = self.head_projection(x, head_k, "q_proj")
+    k = self.head_projection(x, head_k, "k_proj")
+    v = self.head_projection(x, head_v, "v_proj")
+    g = self.head_projection(x, head_v, "g_proj")
+
+    low_rank = layers.dense(
+        self.gate_low_rank_dim, ("embed", None), use_bias=False, dtype=self.dtype, name="gk_proj_0",
+        kernel_init=layers.xavier_uniform_fused(width, self.gate_low_rank_dim, GLA_INIT_GAIN))(x)
+    gate_logits = nn.DenseGeneral(
+        (self.num_heads, head_k), dtype=self.dtype, param_dtype=jnp.float32, name="gk_proj_1",
+        kernel_init=layers.partitioned(
+            layers.xavier_uniform_fused(self.gate_low_rank_dim, key_dim, GLA_INIT_GAIN), (None, "heads", "kv")),
+        bias_init=layers.partitioned(layers.zeros, ("heads", "kv")))(low_rank)
+    log_alpha = jax.nn.log_sigmoid(gate_logits.astype(jnp.float32)) / self.gate_logit_normalizer
+
+    o = gla.gated_linear_attention(q, k, v, log_alpha, chunk_size=self.chunk_size, reverse=reverse,
+                                   implementation=self.implementation)
+    o = nn.with_logical_constraint(o, ("batch", "length", "act_heads", None))
+    # Fused RMSNorm-swish gate of fla, in fp32: o * rsqrt(mean(o²) + eps) * weight * g * sigmoid(g).
+    o32 = o.astype(jnp.float32)
+    o32 = o32 * jax.lax.rsqrt(jnp.mean(o32 ** 2, axis=-1, keepdims=True) + 1e-6)
+    weight = self.param("g_norm_swish_gate", layers.partitioned(nn.initializers.ones_init(), ("kv",)), (head_v,))
+    o = (o32 * weight * nn.silu(g.astype(jnp.float32))).astype(self.dtype)
+    return nn.DenseGeneral(
+        width, axis=(-2, -1), use_bias=False, dtype=self.dtype, param_dtype=jnp.float32, name="o_proj",
+        kernel_init=layers.partitioned(layers.xavier_uniform_fused(value_dim, width, GLA_INIT_GAIN),
+                                       ("heads", "kv", "embed")))(o)
+
+
+class SwiGLU(nn.Module):
+  """fla's GLAMLP: [gate, value] = x W_in; (silu(gate) * value) W_down; no biases. x: (B, N, D)."""
+  hidden_features: int
+  dtype: layers.Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    width = x.shape[-1]
+    gate_value = nn.DenseGeneral(
+        (2, self.hidden_features), use_bias=False, dtype=self.dtype, param_dtype=jnp.float32, name="gate_proj",
+        kernel_init=layers.partitioned(layers.xavier_uniform_fused(width, 2 * self.hidden_features),
+                                       ("embed", None, "mlp")))(x)
+    h = nn.silu(gate_value[..., 0, :]) * gate_value[..., 1, :]
+    h = nn.with_logical_constraint(h, ("batch", "length", "act_mlp"))
+    return layers.dense(width, ("mlp", "embed"), use_bias=False, dtype=self.dtype, name="down_proj")(h)
+
+
+class DepthwiseConv(nn.Module):
+  """3x3 depthwise conv over the token grid, identity-initialised (centre tap 1). x: (B, N, D).
+
+  `rotate=True` applies the kernel rotated by 180°: the official conv on the reversed sequence, computed
+  on the stream in its physical order.
+  """
+  grid_size: int
+  kernel_size: int = 3
+  dtype: layers.Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, rotate=False):
+    batch, tokens, width = x.shape
+    size = self.kernel_size
+
+    def identity(key, shape, dtype=jnp.float32):
+      return jnp.zeros(shape, dtype).at[size // 2, size // 2].set(1)
+
+    kernel = self.param("kernel", layers.partitioned(identity, (None, None, None, "embed")), (size, size, 1, width))
+    bias = self.param("bias", layers.partitioned(layers.zeros, ("embed",)), (width,))
+    if rotate:
+      kernel = kernel[::-1, ::-1]
+    grid = x.reshape(batch, self.grid_size, self.grid_size, width)
+    out = jax.lax.conv_general_dilated(
+        grid, kernel.astype(self.dtype), window_strides=(1, 1), padding="SAME",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=width)
+    return (out + bias.astype(self.dtype)).reshape(batch, tokens, width)
+
+
+class DiGBlock(nn.Module):
+  """x: (B, N, D) in physical order; c: (B, D); `reverse`: the logical order is the reverse of x's."""
+  num_heads: int
+  grid_size: int
+  mlp_ratio: float = 4.0
+  gla_implementation: str = "auto"
+  gla_chunk_size: int = 64
+  dtype: layers.Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, c, reverse=False):
+    width = x.shape[-1]
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = layers.adaln_modulation(
+        c, width, 6, self.dtype)
+    h = layers.modulate(layers.layer_norm()(x), shift_msa, scale_msa).astype(self.dtype)
+    x = x + gate_msa[:, None] * GatedLinearAttention(
+        self.num_heads, implementation=self.gla_implementation, chunk_size=self.gla_chunk_size,
+        dtype=self.dtype, name="attn")(h, reverse=reverse)
+    h = layers.modulate(layers.layer_norm()(x), shift_mlp, scale_mlp).astype(self.dtype)
+    x = x + gate_mlp[:, None] * SwiGLU(swiglu_hidden_size(width, self.mlp_ratio), self.dtype, name="mlp")(h)
+    x = DepthwiseConv(self.grid_size, dtype=self.dtype, name="dw_conv")(x, rotate=reverse)
+    return nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+
+
+def transpose_grid(x, grid_size):
+  """(B, N, D) raster over an (e, e) grid -> the same tokens in column-major order."""
+  batch, tokens, width = x.shape
+  return x.reshape(batch, grid_size, grid_size, width).swapaxes(1, 2).reshape(batch, tokens, width)
+
+
+class Model(layers.DiffusionBackbone):
+  """DiG-{S,B,L,XL}/{2,4,8}; fields as DiT's plus the GLA implementation choice.
+
+  `mlp_ratio` plays the role of fla's hidden_ratio (4): SwiGLU hidden = 256*ceil(floor(8D/3)/256).
+  """
+  gla_implementation: str = "auto"
+  gla_chunk_size: int = 64
+
+  def validate(self):
+    super().validate()
+    if self.depth % 4:
+      raise ValueError(f"DiG needs model.depth to be a multiple of 4 (its four scan directions repeat every "
+                       f"4 blocks and must end in raster order), got {self.depth}")
+    if (self.hidden_size // 2) % self.num_heads:
+      raise ValueError(f"DiG splits the key dim hidden_size/2={self.hidden_size // 2} into "
+                       f"model.num_heads={self.num_heads} heads: not divisible")
+    if self.gla_implementation not in gla.IMPLEMENTATIONS:
+      raise ValueError(f"model.gla_implementation must be one of {gla.IMPLEMENTATIONS}, "
+                       f"got {self.gla_implementation!r}")
+
+  def blocks(self, x, c, train):
+    block_cls = nn.remat(DiGBlock, static_argnums=(3,)) if self.remat else DiGBlock
+    reverse = False
+    for i in range(self.depth):
+      x = block_cls(self.num_heads, self.grid_size, self.mlp_ratio, self.gla_implementation,
+                    self.gla_chunk_size, self.compute_dtype, name=f"blocks_{i}")(x, c, reverse)
+      reverse = not reverse  # The official code flips the sequence after every block.
+      if i % 2 == 1:  # ... and transposes the grid after odd blocks; a reversal commutes with it.
+        x = transpose_grid(x, self.grid_size)
+    return x
