@@ -1,0 +1,15 @@
+"""DiG-XL/{2,4,8}: DiT-XL with Gated Linear Attention (Zhu et al. 2024), ImageNet 256x256, DiT's recipe.
+
+  python -m dyngen.main --config=configs/dig_xl.py:XL/2 --workdir=DIR
+  python -m dyngen.main --config=configs/dig_xl.py:XL/2,runlocal --workdir=DIR   # smoke run on a laptop
+
+Reproduces the DiG paper's ImageNet 256x256 FID-50K of DiG-XL/2 at 400K steps (250 DDPM steps, no
+guidance), set beside DiT-XL/2 at the same recipe. The model is 676.0 M parameters and 89.40 GFLOPs at XL/2 counted
+the paper's way (`dyngen.models.flops.gflops(config.model, convention="paper")`); the complete count,
+with the GLA core and SwiGLU down-projection, is higher.
+"""
+from configs import families
+
+
+def get_config(arg=None):
+  return families.experiment_config("dig", arg, "XL")

@@ -1,0 +1,55 @@
+"""Model fields of each family at the papers' sizes, and the experiment config every family file shares.
+
+`configs/dit_xl.py` and its siblings are one line each on top of `experiment_config`, so the recipe lives
+in one place (configs/common.py) and the model sizes in another (dyngen.models.SIZES).
+"""
+import ml_collections
+
+from configs import common
+from dyngen import data as data_lib
+from dyngen import models
+
+# Fields every family takes (the official constructors' argument names) with the papers' values.
+BASE_MODEL_FIELDS = dict(
+    input_size=32,  # 256x256 images as 32x32x4 SD-VAE latents.
+    in_channels=4, mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=True,
+    dtype="float32", remat=False)
+
+# Implementation choices per family; "auto" picks by backend (see dyngen/models/attention.py, pallas_kernels/gla).
+FAMILY_FIELDS = {
+    "dit": dict(attention="auto", attention_chunk_size=1024),
+    "dig": dict(gla_implementation="auto", gla_chunk_size=64),
+}
+# DiG-XL uses 18 heads so that every head keeps key dim 32 and value dim 64.
+FAMILY_HEADS = {("dig", "XL"): 18}
+
+
+def model_config(name, variant):
+  """ConfigDict for `dyngen.models.build`, e.g. model_config("dig", "XL/2")."""
+  fields = dict(name=name, **BASE_MODEL_FIELDS, **models.variant(variant), **FAMILY_FIELDS[name])
+  size = variant.partition("/")[0]
+  fields["num_heads"] = FAMILY_HEADS.get((name, size), fields["num_heads"])
+  return ml_collections.ConfigDict(fields)
+
+
+def experiment_config(name, arg, size):
+  """The DiT ImageNet 256x256 recipe for family `name`; `arg` = 'S/2', 'B/4,runlocal', 'patch=4', ...
+
+  Args:
+    name: the model family ("dit", "dig").
+    arg: the string after ':' in --config=configs/<file>.py:<arg>; a variant such as "XL/2" (its size must
+      be the file's size), optionally ",runlocal" for a smoke run on the embedded digits.
+    size: the file's model size ("S", "B", "L", "XL").
+  """
+  arg = common.parse_arg(arg, variant=f"{size}/2", runlocal=False)
+  if arg.variant.partition("/")[0] != size:
+    raise ValueError(f"configs for {name}-{size} take variants {size}/2, {size}/4 or {size}/8, "
+                     f"got {arg.variant!r}")
+  config = common.training_config()
+  config.model = model_config(name, arg.variant)
+  config.data = data_lib.default_config("imagenet2012")
+  config.latent.vae = "sd-vae-ft-ema"  # DiT trains on SD-VAE latents of 256x256 images.
+  if arg.runlocal:
+    common.shrink_for_runlocal(config, depth=4)
+    config.latent.vae = ""
+  return config
