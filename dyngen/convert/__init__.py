@@ -1,5 +1,6 @@
-"""Official PyTorch checkpoints (DiT, DiG, DyDiT) -> dyngen Flax params, without torch and without running
-code from the file.
+"""Official PyTorch checkpoints -> dyngen Flax params, without torch and without running code from the file.
+
+One rule table per model family: dyngen/convert/dit.py (facebookresearch/DiT), dig.py (hustvl/DiG).
 
   load_torch_params(path, model_config) -> params      (dyngen/convert/load.py)
   read_torch_checkpoint(path) -> object                (the safe .pt reader, dyngen/convert/torch_checkpoint.py)
