@@ -1,0 +1,141 @@
+"""Recipe pieces shared by every experiment config in configs/.
+
+An experiment config (run from the repository root, `python -m dyngen.main --config=configs/<name>.py`):
+
+  from configs import common
+
+  def get_config(arg=None):
+    arg = common.parse_arg(arg, variant="XL/2", runlocal=False)
+    config = common.training_config()            # the trainer's fields, DiT paper defaults
+    config.model = ...                           # the model family's fields (dyngen.models.build)
+    config.data = dyngen.data.default_config("imagenet2012")
+    if arg.runlocal:
+      common.shrink_for_runlocal(config)         # a smoke run of the same recipe on any laptop
+    return config
+
+The field list with types is `dyngen.train.config_checks.TRAINER_FIELDS`; the values below are the
+defaults of DiT (Peebles & Xie 2023, Sec. 4 "Training"): AdamW, lr 1e-4 constant, no weight decay,
+batch 256, EMA decay 0.9999, 1000-step linear schedule with learned sigma; evaluation with 250 DDPM
+steps, guidance 1.5 for FID and 4.0 for pictures.
+"""
+import ml_collections
+
+from dyngen import data as data_lib
+
+# Logical axis -> mesh axes (see dyngen/sharding.py for the names). Parameters: the width (embed) is
+# sharded over fsdp, heads / MLP units / adaLN outputs over tensor. Activations: the batch over
+# data x fsdp; inside attention and the MLP the heads and units follow their weights over tensor.
+DEFAULT_LOGICAL_AXIS_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("act_embed", None),
+    ("act_mlp", "tensor"),
+    ("act_heads", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("modulation", "tensor"),
+    ("kv", None),
+    ("classes", None),
+    ("freq", None),
+    ("patch", None),
+    ("out", None),
+)
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """'XL/2,runlocal' or 'variant=B/4,runlocal=False' -> ConfigDict(variant=..., runlocal=...).
+
+  Items are comma-separated: `key=value` (value parsed with the type of the default), a bare `key` of a
+  bool default (sets it True), or a bare value containing '/' (the model variant, e.g. 'XL/2').
+  """
+  parsed = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, has_value, value = item.partition("=")
+    if not has_value and "/" in key and "variant" in defaults:
+      key, value = "variant", key
+    elif not has_value:
+      if not isinstance(defaults.get(key), bool):
+        raise ValueError(f"config argument {item!r} is not a switch; known arguments: {sorted(defaults)}.")
+      value = "True"
+    if key not in defaults:
+      raise ValueError(f"unknown config argument {key!r} in {arg!r}; known arguments: {sorted(defaults)}.")
+    default = defaults[key]
+    if isinstance(default, bool):
+      if value not in ("True", "False", "true", "false", "1", "0"):
+        raise ValueError(f"config argument {key}={value!r} must be True or False.")
+      parsed[key] = value in ("True", "true", "1")
+    else:
+      parsed[key] = type(default)(value)
+  return parsed
+
+
+def training_config() -> ml_collections.ConfigDict:
+  """Every trainer field with the DiT recipe's values; `model` and `data` are left to the caller."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.batch_size = 256  # Global batch over all devices and hosts.
+  config.num_train_steps = 400_000  # DiT reports most ablations at 400K steps.
+  config.log_every_steps = 100
+  config.checkpoint_every_steps = 5_000
+  config.keep_checkpoints = 3
+  config.sample_every_steps = 25_000  # Sample grids to TensorBoard and PNG; 0 = never.
+
+  config.optimizer = ml_collections.ConfigDict(dict(
+      learning_rate=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
+      warmup_steps=0,  # Linear warm-up from 0; DiT uses none.
+      grad_clip_norm=0.0,  # Clip by global norm when > 0; DiT does not clip.
+  ))
+  config.ema = ml_collections.ConfigDict(dict(decay=0.9999))
+
+  # Arguments of dyngen.diffusion.create_diffusion for training (learn_sigma follows config.model).
+  config.diffusion = ml_collections.ConfigDict(dict(
+      noise_schedule="linear", diffusion_steps=1000, predict_xstart=False, use_kl=False, sigma_small=False,
+      rescale_learned_sigmas=False))
+  # Latent diffusion hook: "" trains in pixel space. (The SD VAE path is a later addition.)
+  config.latent = ml_collections.ConfigDict(dict(vae="", scale_factor=0.18215))
+
+  config.sample = ml_collections.ConfigDict(dict(
+      sampler="ddpm",  # "ddpm" (ancestral) or "ddim".
+      num_steps=250,
+      eta=0.0,  # DDIM only.
+      cfg_scale=1.5,  # Guidance for `--mode=sample` (DiT's FID setting).
+      guidance_channels=3,  # Guide the first 3 output channels as the official code; 0 = all channels.
+      clip_denoised=False,
+      num_samples=50_000,  # `--mode=sample`: how many images (ADM's FID-50K).
+      batch_size=256,  # Images per sampling call, over all devices.
+      seed=0,
+      checkpoint="",  # `--mode=sample`: a checkpoint path; "" = the newest in the workdir.
+      grid_size=16,  # Images in the periodic training grids.
+      grid_cfg_scale=4.0,  # DiT's setting for pictures.
+  ))
+  # Sample-quality metrics: "" = none, "digits" = digits-classifier accuracy and Frechet distance.
+  config.evaluation = ml_collections.ConfigDict(dict(metric="", num_samples=0, every_steps=0))
+
+  config.mesh = ml_collections.ConfigDict(dict(axes=("data", "fsdp", "tensor"), shape=(-1, 1, 1)))
+  config.sharding = ml_collections.ConfigDict(dict(logical_axis_rules=DEFAULT_LOGICAL_AXIS_RULES))
+  # Trace steps [first_step, first_step + num_steps) to workdir for TensorBoard's profiler; 0 steps = off.
+  config.profile = ml_collections.ConfigDict(dict(first_step=10, num_steps=5))
+  return config
+
+
+def shrink_for_runlocal(config: ml_collections.ConfigDict, depth: int = 2) -> ml_collections.ConfigDict:
+  """Turns a real config into a smoke run of the same code path that finishes in about a minute on a CPU.
+
+  The model keeps its family and implementation fields but becomes `depth` blocks (DiG needs a multiple
+  of 4) of width 64 on the embedded 8x8 digits; the schedule of logging, checkpointing and sampling is
+  compressed to a few steps.
+  """
+  config.data = data_lib.default_config("digits")
+  config.model.update(dict(input_size=8, patch_size=2, in_channels=1, num_classes=10, hidden_size=64,
+                           depth=depth, num_heads=4))
+  config.batch_size = 16
+  config.num_train_steps = 20
+  config.log_every_steps = 5
+  config.checkpoint_every_steps = 10
+  config.sample_every_steps = 20
+  config.sample.update(dict(num_steps=10, num_samples=32, batch_size=16, grid_size=16))
+  config.profile.num_steps = 0
+  if config.evaluation.metric:
+    config.evaluation.num_samples = 100
+  return config

@@ -1,0 +1,64 @@
+r"""dyngen's entry point: train a diffusion transformer, or sample from a trained one.
+
+  python -m dyngen.main --config=configs/quickstart.py --workdir=/tmp/quickstart
+  python -m dyngen.main --config=configs/dit_xl.py:runlocal --workdir=/tmp/smoke
+  python -m dyngen.main --config=configs/dit_xl.py --workdir=gs://bucket/dit_xl \
+      --config.batch_size=512 --config.mesh.shape="(-1,4,1)"
+  python -m dyngen.main --mode=sample --config=configs/dit_xl.py --workdir=gs://bucket/dit_xl \
+      --config.sample.num_samples=50000 --config.sample.cfg_scale=1.5
+
+Run from the repository root (config files import `configs.common`). Rerunning a training command with
+the same workdir resumes from its newest checkpoint. `--config.<field>=<value>` overrides any field;
+unknown fields and values of the wrong type are refused before anything runs.
+"""
+import logging as std_logging
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file, optionally with an argument: configs/<name>.py[:arg].",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory (local or gs://) for checkpoints, logs and samples.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample"],
+                          "train: train (resuming from the workdir) and evaluate; sample: write "
+                          "config.sample.num_samples images of the EMA weights as .npz and .png.")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False,
+                                 "Call jax.distributed.initialize() first (multi-host TPU pods, GPU clusters).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+class _HideLibraryInfo(std_logging.Filter):
+  """Drops INFO lines of Orbax (dozens per checkpoint) so that the progress lines stay readable."""
+
+  def filter(self, record):
+    return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}; fields are set with --config.<field>=<value>.")
+  logging.get_absl_handler().addFilter(_HideLibraryInfo())
+  if _DISTRIBUTED.value:
+    jax.distributed.initialize()
+  # Imported after flag parsing: TensorFlow (pulled in by clu and tfds) must not claim accelerators.
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf.config.set_visible_devices([], "GPU")
+  from dyngen.train import trainer  # pylint: disable=g-import-not-at-top
+
+  logging.info("JAX process %d of %d, %d local / %d global %s devices.", jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count(), jax.default_backend())
+  config = _CONFIG.value
+  logging.info("Config:\n%s", config)
+  if _MODE.value == "train":
+    trainer.train_and_evaluate(config, _WORKDIR.value)
+  else:
+    trainer.sample(config, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  jax.config.config_with_absl()
+  app.run(main)

@@ -1,0 +1,221 @@
+"""Checks of a run's ConfigDict, done before any array is allocated.
+
+Every field the trainer reads is listed in `TRAINER_FIELDS` with its type; `config.model` is checked by
+`dyngen.models.build` and `config.data` against `dyngen.data.default_config`. A config with a field the
+trainer does not know (usually a typo), a value of the wrong type, or sizes that cannot work together
+(an image size the patch does not divide, a batch the devices do not divide, a mesh for another device
+count) stops with a message that names the field, the value and what would be right.
+"""
+import difflib
+import math
+
+import ml_collections
+
+from dyngen import data as data_lib
+from dyngen import models
+from dyngen import sharding
+
+_INT, _FLOAT, _STR, _BOOL, _INTS, _STRS, _RULES = "int", "float", "str", "bool", "ints", "strs", "rules"
+
+# Every trainer field: dotted path -> kind. The defaults live in configs/common.py.
+TRAINER_FIELDS = {
+    "seed": _INT,
+    "batch_size": _INT,
+    "num_train_steps": _INT,
+    "log_every_steps": _INT,
+    "checkpoint_every_steps": _INT,
+    "keep_checkpoints": _INT,
+    "sample_every_steps": _INT,
+    "optimizer.learning_rate": _FLOAT,
+    "optimizer.b1": _FLOAT,
+    "optimizer.b2": _FLOAT,
+    "optimizer.eps": _FLOAT,
+    "optimizer.weight_decay": _FLOAT,
+    "optimizer.warmup_steps": _INT,
+    "optimizer.grad_clip_norm": _FLOAT,
+    "ema.decay": _FLOAT,
+    "diffusion.noise_schedule": _STR,
+    "diffusion.diffusion_steps": _INT,
+    "diffusion.predict_xstart": _BOOL,
+    "diffusion.use_kl": _BOOL,
+    "diffusion.sigma_small": _BOOL,
+    "diffusion.rescale_learned_sigmas": _BOOL,
+    "latent.vae": _STR,
+    "latent.scale_factor": _FLOAT,
+    "sample.sampler": _STR,
+    "sample.num_steps": _INT,
+    "sample.eta": _FLOAT,
+    "sample.cfg_scale": _FLOAT,
+    "sample.guidance_channels": _INT,
+    "sample.clip_denoised": _BOOL,
+    "sample.num_samples": _INT,
+    "sample.batch_size": _INT,
+    "sample.seed": _INT,
+    "sample.checkpoint": _STR,
+    "sample.grid_size": _INT,
+    "sample.grid_cfg_scale": _FLOAT,
+    "evaluation.metric": _STR,
+    "evaluation.num_samples": _INT,
+    "evaluation.every_steps": _INT,
+    "mesh.axes": _STRS,
+    "mesh.shape": _INTS,
+    "sharding.logical_axis_rules": _RULES,
+    "profile.first_step": _INT,
+    "profile.num_steps": _INT,
+}
+# Sections checked by their owners rather than by TRAINER_FIELDS.
+OWNED_SECTIONS = ("model", "data")
+SAMPLERS = ("ddpm", "ddim")
+EVALUATION_METRICS = ("", "digits")
+
+
+def _leaf_paths(config, prefix=""):
+  for key, value in config.items():
+    path = f"{prefix}{key}"
+    if isinstance(value, (ml_collections.ConfigDict, dict)):
+      yield from _leaf_paths(value, path + ".")
+    else:
+      yield path, value
+
+
+def _get(config, path):
+  for key in path.split("."):
+    config = config[key]
+  return config
+
+
+def _kind_ok(value, kind) -> bool:
+  is_int = isinstance(value, int) and not isinstance(value, bool)
+  if kind == _INT:
+    return is_int
+  if kind == _FLOAT:
+    return is_int or isinstance(value, float)
+  if kind == _STR:
+    return isinstance(value, str)
+  if kind == _BOOL:
+    return isinstance(value, bool)
+  if kind == _INTS:
+    return isinstance(value, (tuple, list)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+  if kind == _STRS:
+    return isinstance(value, (tuple, list)) and all(isinstance(v, str) for v in value)
+  if kind == _RULES:
+    return isinstance(value, (tuple, list)) and all(isinstance(r, (tuple, list)) and len(r) == 2 for r in value)
+  raise AssertionError(kind)
+
+
+_KIND_WORDS = {_INT: "an int", _FLOAT: "a number", _STR: "a string", _BOOL: "a bool",
+               _INTS: "a tuple of ints", _STRS: "a tuple of strings",
+               _RULES: "a tuple of (logical_name, mesh_axes) pairs"}
+
+
+def check_fields(config) -> None:
+  """Unknown fields, missing fields and wrong types of the trainer's part of `config`."""
+  for section in OWNED_SECTIONS:
+    if section not in config:
+      raise ValueError(f"config.{section} is missing; every run config needs a {section} section.")
+  known = set(TRAINER_FIELDS)
+  for path, _ in _leaf_paths(config):
+    if path.split(".")[0] in OWNED_SECTIONS or path in known:
+      continue
+    close = difflib.get_close_matches(path, known, n=1)
+    hint = f" Did you mean config.{close[0]}?" if close else ""
+    raise ValueError(f"config.{path} is not a field the trainer reads.{hint} Known fields are listed in "
+                     "dyngen/train/config_checks.py (TRAINER_FIELDS) with defaults in configs/common.py.")
+  for path, kind in TRAINER_FIELDS.items():
+    try:
+      value = _get(config, path)
+    except (KeyError, AttributeError):
+      raise ValueError(f"config.{path} is missing; start from configs/common.py's training_config(), which "
+                       "sets every trainer field.") from None
+    if not _kind_ok(value, kind):
+      raise ValueError(f"config.{path} must be {_KIND_WORDS[kind]}, got {value!r} ({type(value).__name__}).")
+  data_fields = set(data_lib.default_config(config.data.name))
+  unknown_data = sorted(set(config.data) - data_fields)
+  if unknown_data:
+    raise ValueError(f"config.data has unknown field(s) {unknown_data}; the fields of a "
+                     f"{config.data.name!r} data config are {sorted(data_fields)}.")
+
+
+def _require(condition: bool, message: str) -> None:
+  if not condition:
+    raise ValueError(message)
+
+
+def check_values(config) -> None:
+  """Ranges of single values and the agreement between sections that needs no devices or data."""
+  positive = ("batch_size", "num_train_steps", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
+              "sample.num_steps", "sample.batch_size", "diffusion.diffusion_steps")
+  for path in positive:
+    _require(_get(config, path) > 0, f"config.{path} must be > 0, got {_get(config, path)}.")
+  for path in ("sample_every_steps", "optimizer.warmup_steps", "optimizer.weight_decay",
+               "optimizer.grad_clip_norm", "sample.num_samples", "sample.grid_size", "sample.guidance_channels",
+               "evaluation.num_samples", "evaluation.every_steps", "profile.num_steps", "sample.cfg_scale",
+               "sample.grid_cfg_scale", "sample.eta"):
+    _require(_get(config, path) >= 0, f"config.{path} must be >= 0, got {_get(config, path)}.")
+  _require(0 <= config.seed < 2**32, f"config.seed={config.seed} must be in [0, 2**32).")
+  _require(config.optimizer.learning_rate > 0,
+           f"config.optimizer.learning_rate must be > 0, got {config.optimizer.learning_rate}.")
+  for beta in ("b1", "b2"):
+    value = config.optimizer[beta]
+    _require(0 <= value < 1, f"config.optimizer.{beta} must be in [0, 1), got {value}.")
+  _require(0 <= config.ema.decay <= 1, f"config.ema.decay must be in [0, 1], got {config.ema.decay}.")
+  _require(config.sample.sampler in SAMPLERS,
+           f"config.sample.sampler must be one of {SAMPLERS}, got {config.sample.sampler!r}.")
+  _require(config.sample.num_steps <= config.diffusion.diffusion_steps,
+           f"config.sample.num_steps={config.sample.num_steps} exceeds the "
+           f"{config.diffusion.diffusion_steps} steps of the diffusion (config.diffusion.diffusion_steps).")
+  _require(config.evaluation.metric in EVALUATION_METRICS,
+           f"config.evaluation.metric must be one of {EVALUATION_METRICS}, got {config.evaluation.metric!r}.")
+  if config.evaluation.metric == "digits":
+    _require(config.data.name == "digits",
+             f"config.evaluation.metric='digits' scores digit samples, but config.data.name={config.data.name!r}.")
+  if config.evaluation.metric:
+    _require(config.evaluation.num_samples >= 2,
+             f"config.evaluation.num_samples={config.evaluation.num_samples}: a Frechet distance needs >= 2 samples.")
+  _require(config.latent.vae == "",
+           f"config.latent.vae={config.latent.vae!r}: latent-space training is not available yet; set it to '' "
+           "(pixel space).")
+  model = models.build(config.model)  # Checks the model's own fields and shapes.
+  _require(model.input_size == config.data.image_size,
+           f"config.model.input_size={model.input_size} but config.data.image_size={config.data.image_size}; in "
+           "pixel space they must be equal.")
+
+
+def check_devices(config, num_devices: int, process_count: int = 1) -> None:
+  """The mesh against the device count and the batch against the mesh (no arrays are made)."""
+  shape = sharding.resolve_mesh_shape(config.mesh.shape, config.mesh.axes, num_devices)
+  axis_size = dict(zip(config.mesh.axes, shape))
+  rules = sharding.rules_as_tuples(config.sharding.logical_axis_rules)
+  for name, target in rules:
+    for axis in (target if isinstance(target, tuple) else (target,)):
+      _require(axis is None or axis in axis_size,
+               f"config.sharding.logical_axis_rules maps {name!r} to mesh axis {axis!r}, but config.mesh.axes "
+               f"is {tuple(config.mesh.axes)}.")
+  batch_ways = math.prod(axis_size[axis] for axis in sharding.mesh_axes_of(sharding.BATCH_AXIS, rules))
+  for path in ("batch_size", "sample.batch_size"):
+    value = _get(config, path)
+    _require(value % batch_ways == 0,
+             f"config.{path}={value} is not divisible by the {batch_ways} data-parallel shards (mesh "
+             f"{dict(axis_size)}, batch over {sharding.mesh_axes_of(sharding.BATCH_AXIS, rules)}); use a "
+             f"multiple of {batch_ways}.")
+    _require(value % process_count == 0,
+             f"config.{path}={value} is not divisible by the {process_count} hosts.")
+
+
+def check_dataset(config, info) -> None:
+  """The model against the dataset it will be trained on (`info`: a `dyngen.data.DatasetInfo`)."""
+  height, _, channels = info.image_shape
+  _require(config.model.in_channels == channels,
+           f"config.model.in_channels={config.model.in_channels} but {info.name} images have {channels} "
+           "channel(s).")
+  _require(config.model.num_classes == info.num_classes,
+           f"config.model.num_classes={config.model.num_classes} but {info.name} has {info.num_classes} classes.")
+  _require(config.model.input_size == height,
+           f"config.model.input_size={config.model.input_size} but {info.name} yields {height}x{height} images.")
+
+
+def check_config(config, *, num_devices: int, process_count: int = 1) -> None:
+  """Every check that needs neither the dataset nor an array; raises ValueError naming the bad field."""
+  check_fields(config)
+  check_values(config)
+  check_devices(config, num_devices, process_count)

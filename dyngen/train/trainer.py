@@ -1,0 +1,322 @@
+"""The training loop, top to bottom: config -> mesh -> abstract state -> shardings -> init or resume -> steps.
+
+  checks      every config field, the mesh against the devices, the batch against the mesh
+  mesh        `config.mesh`, with `config.sharding.logical_axis_rules` for parameters and activations
+  state       shapes from `jax.eval_shape(initial_state)`, shardings from the params' logical names,
+              arrays from `jax.jit(init, out_shardings=...)` or from the newest readable checkpoint
+  step        one jitted `train_step` with the state donated
+  loop        clu periodic actions (progress with steps/s and ETA, profiling), metrics every
+              `log_every_steps`, async Orbax checkpoints (state + data position + config), sample grids,
+              sample-quality evaluation
+
+A non-finite loss stops the run with `NonFiniteLossError`; metrics are checked before every checkpoint,
+so only states that passed the check are saved and the last good checkpoint is left as it was.
+"""
+import functools
+import json
+import time
+from collections.abc import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from clu import metric_writers
+from clu import parameter_overview
+from clu import periodic_actions
+from etils import epath
+
+from dyngen import checkpoint
+from dyngen import data as data_lib
+from dyngen import diffusion as diffusion_lib
+from dyngen import models
+from dyngen import sharding
+from dyngen.train import config_checks
+from dyngen.train import evaluation
+from dyngen.train import sample as sample_lib
+from dyngen.train import state as state_lib
+from dyngen.train import step as step_lib
+
+SAMPLES_SUBDIR = "samples"
+# A hook is called after every step as hook(step) (clu periodic actions are such callables).
+Hook = Callable[[int], None]
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss (or gradient norm) became NaN or Inf; the run stopped without saving the bad state."""
+
+
+def training_diffusion(config):
+  """The diffusion process of `config.diffusion` with all steps (no respacing), as DiT trains."""
+  return diffusion_lib.create_diffusion(timestep_respacing="", learn_sigma=config.model.learn_sigma,
+                                        **config.diffusion.to_dict())
+
+
+class Run:
+  """What `train_and_evaluate` and `sample` set up from a config: model, mesh, shardings, abstract state."""
+
+  def __init__(self, config: ml_collections.ConfigDict, *, check_dataset: bool = True):
+    config_checks.check_config(config, num_devices=jax.device_count(), process_count=jax.process_count())
+    self.config = config
+    if check_dataset:  # Sampling needs no data (and ImageNet need not be on the sampling machine).
+      config_checks.check_dataset(config, data_lib.dataset_info(config.data))
+    self.model = models.build(config.model)
+    self.mesh = sharding.create_mesh(config.mesh)
+    self.rules = sharding.rules_as_tuples(config.sharding.logical_axis_rules)
+    self.optimizer = state_lib.create_optimizer(config.optimizer)
+    self.learning_rate_fn = state_lib.learning_rate_schedule(config.optimizer)
+    self.seed_key = jax.random.PRNGKey(config.seed)
+    self._init_fn = functools.partial(state_lib.initial_state, model=self.model, optimizer=self.optimizer)
+    # Init is traced without the logical rules in scope: its outputs are placed by `out_shardings`, and
+    # flax would otherwise also constrain each freshly initialised parameter by its names.
+    abstract_boxed = jax.eval_shape(self._init_fn, self.seed_key)
+    self.state_shardings = sharding.logical_shardings(abstract_boxed, self.mesh, self.rules)
+    self.abstract_state = nn.unbox(abstract_boxed)
+    # Impossible shapes (a width the fsdp axis does not divide, ...) stop here, before any compute.
+    sharding.check_divisible(self.abstract_state, self.state_shardings)
+    self.batch_sharding = sharding.batch_sharding(self.mesh, self.rules)
+
+  def context(self):
+    """Mesh and logical rules in scope, for tracing the model's activation constraints."""
+    return _ContextStack(jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules))
+
+  def abstract_state_with_shardings(self):
+    return jax.tree.map(lambda array, sharding_: jax.ShapeDtypeStruct(array.shape, array.dtype, sharding=sharding_),
+                        self.abstract_state, self.state_shardings)
+
+  def initial_state(self) -> state_lib.TrainState:
+    with jax.set_mesh(self.mesh):
+      init = jax.jit(lambda key: nn.unbox(self._init_fn(key)), out_shardings=self.state_shardings)
+      return init(self.seed_key)
+
+  def compiled_train_step(self):
+    step_fn = functools.partial(step_lib.train_step, model=self.model, diffusion=training_diffusion(self.config),
+                                optimizer=self.optimizer, learning_rate_fn=self.learning_rate_fn,
+                                ema_decay=self.config.ema.decay)
+    return jax.jit(step_fn, in_shardings=(self.state_shardings, self.batch_sharding),
+                   out_shardings=(self.state_shardings, None), donate_argnums=0)
+
+  def sampler(self) -> sample_lib.Sampler:
+    return sample_lib.Sampler(self.model, self.config.diffusion, self.config.sample, mesh=self.mesh,
+                              rules=self.rules, param_shardings=self.state_shardings.ema_params)
+
+
+class _ContextStack:
+  """Enters several context managers in order and leaves them in reverse."""
+
+  def __init__(self, *managers):
+    self._managers = managers
+
+  def __enter__(self):
+    for manager in self._managers:
+      manager.__enter__()
+    return self
+
+  def __exit__(self, *exc_info):
+    for manager in reversed(self._managers):
+      manager.__exit__(*exc_info)
+    return False
+
+
+def check_finite(metrics_per_step: Sequence[dict], first_step: int, workdir, last_saved_step) -> None:
+  """Raises NonFiniteLossError naming the first step whose loss or gradient norm is NaN/Inf.
+
+  Args:
+    metrics_per_step: host metrics of consecutive steps; entry i belongs to step `first_step + i`
+      (the step count after the update).
+  """
+  for offset, metrics in enumerate(metrics_per_step):
+    bad = {name: float(metrics[name]) for name in ("loss", "grad_norm") if not np.isfinite(metrics[name])}
+    if bad:
+      step = first_step + offset
+      kept = (f"The last good checkpoint (step {last_saved_step}) in {workdir}/{checkpoint.CHECKPOINT_SUBDIR} "
+              "is intact; rerunning resumes from it." if last_saved_step is not None else
+              "No checkpoint had been saved yet.")
+      raise NonFiniteLossError(
+          f"non-finite training values at step {step}: {bad}. Nothing from step {step} on was saved. {kept} "
+          "Usual remedies: a lower config.optimizer.learning_rate, a warm-up (config.optimizer.warmup_steps), "
+          "gradient clipping (config.optimizer.grad_clip_norm), or float32 compute (config.model.dtype).")
+
+
+def _mean_metrics(metrics_per_step: Sequence[dict]) -> dict[str, float]:
+  return {name: float(np.mean([m[name] for m in metrics_per_step])) for name in metrics_per_step[0]}
+
+
+def write_sample_grid(run: Run, sampler: sample_lib.Sampler, params, step: int, writer, workdir) -> str:
+  """Samples `sample.grid_size` images (classes in turn) at `sample.grid_cfg_scale`; TensorBoard + PNG."""
+  config = run.config.sample
+  labels = sample_lib.balanced_labels(config.grid_size, run.model.num_classes)
+  # The grid batch is the smallest multiple of the data-parallel size that holds the grid.
+  ways = sharding.batch_parallel_size(run.mesh, run.rules)
+  batch_size = -(-config.grid_size // ways) * ways
+  images = sampler.generate(params, labels, cfg_scale=config.grid_cfg_scale, seed=config.seed,
+                            batch_size=batch_size)
+  grid = sample_lib.image_grid(images, columns=min(run.model.num_classes, config.grid_size))
+  writer.write_images(step, {"samples": grid[None]})
+  path = epath.Path(workdir) / SAMPLES_SUBDIR / f"grid_step_{step}.png"
+  if jax.process_index() == 0:
+    sample_lib.write_png(path, grid, upscale=max(1, 128 // run.model.input_size))
+  return str(path)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, hooks: Sequence[Hook] = ()):
+  """Trains `config` in `workdir`, resuming from its newest checkpoint, and evaluates at the end.
+
+  Args:
+    config: a run config (see configs/common.py).
+    workdir: where checkpoints, TensorBoard summaries, sample grids and evaluation results go.
+    hooks: extra callables hook(step) run after every step (e.g. a preemption check).
+
+  Returns:
+    The final TrainState.
+
+  Raises:
+    ValueError: a bad config (before any compute).
+    NonFiniteLossError: the loss became NaN/Inf.
+  """
+  workdir = epath.Path(workdir)
+  run = Run(config)
+  workdir.mkdir(parents=True, exist_ok=True)
+  is_chief = jax.process_index() == 0
+  writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief, asynchronous=True)
+  train_iter = data_lib.create_input_pipeline(config.data, global_batch_size=config.batch_size, seed=config.seed)
+  manager = checkpoint.create_manager(workdir / checkpoint.CHECKPOINT_SUBDIR, max_to_keep=config.keep_checkpoints)
+  try:
+    return _train_loop(run, workdir, writer, train_iter, manager, hooks)
+  finally:
+    # An async save of the last good step may still be running: let it finish before leaving.
+    manager.wait_until_finished()
+    manager.close()
+    writer.flush()
+    writer.close()
+
+
+def _train_loop(run: Run, workdir, writer, train_iter, manager, hooks):
+  config = run.config
+  restored = checkpoint.restore_latest(manager, run.abstract_state_with_shardings(), data_iterator=train_iter)
+  if restored is None:
+    state, start_step = run.initial_state(), 0
+    logging.info("Starting a new run in %s.", workdir)
+    writer.write_hparams({k: v for k, v in _flatten(checkpoint.config_to_json_dict(config)).items()})
+  else:
+    state, start_step = restored
+    logging.info("Resumed from step %d of %s.", start_step, manager.directory)
+  last_saved_step = start_step if restored is not None else None
+  parameter_overview.log_parameter_overview(state.params, msg="Model parameters")
+  writer.write_scalars(start_step, {"num_params": parameter_overview.count_parameters(state.params)})
+
+  train_step = run.compiled_train_step()
+  sampler = run.sampler()
+  progress = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps, writer=writer,
+                                             every_steps=config.log_every_steps, every_secs=None)
+  actions = [progress, *hooks]
+  if config.profile.num_steps > 0 and jax.process_index() == 0:
+    actions.append(periodic_actions.Profile(logdir=str(workdir), first_profile=config.profile.first_step,
+                                            num_profile_steps=config.profile.num_steps, every_secs=None))
+
+  pending_metrics = []  # Device metrics of steps since the last host sync, for step `pending_from` on.
+  pending_from = start_step + 1
+  with run.context():
+    for step in range(start_step + 1, config.num_train_steps + 1):
+      with jax.profiler.StepTraceAnnotation("train", step_num=step):
+        batch = sharding.make_global_batch(next(train_iter), run.batch_sharding)
+        state, metrics = train_step(state, batch)
+      pending_metrics.append(metrics)
+      for action in actions:
+        action(step)
+
+      is_last = step == config.num_train_steps
+      save_now = step % config.checkpoint_every_steps == 0 or is_last
+      if step % config.log_every_steps == 0 or save_now:
+        host_metrics = jax.device_get(pending_metrics)
+        check_finite(host_metrics, pending_from, workdir, last_saved_step)
+        writer.write_scalars(step, {f"train/{k}": v for k, v in _mean_metrics(host_metrics).items()})
+        pending_metrics, pending_from = [], step + 1
+      if save_now:
+        with progress.timed("checkpoint"):
+          checkpoint.save(manager, step, state, config=config, data_iterator=train_iter)
+        last_saved_step = step
+      if config.sample_every_steps and (step % config.sample_every_steps == 0 or is_last):
+        with progress.timed("sample"):
+          path = write_sample_grid(run, sampler, state.ema_params, step, writer, workdir)
+        logging.info("Step %d: sample grid written to %s.", step, path)
+      evaluate_every = config.evaluation.every_steps
+      if config.evaluation.metric and (is_last or (evaluate_every and step % evaluate_every == 0)):
+        with progress.timed("evaluation"):
+          run_evaluation(run, sampler, state.ema_params, step, writer, workdir)
+
+    if start_step >= config.num_train_steps:
+      logging.info("Nothing to train: the checkpoint is at step %d of %d.", start_step, config.num_train_steps)
+  return state
+
+
+def run_evaluation(run: Run, sampler, params, step: int, writer, workdir) -> dict[str, float]:
+  """Samples `evaluation.num_samples` images at `sample.cfg_scale` and scores them (`evaluation.metric`)."""
+  config = run.config
+  labels = sample_lib.balanced_labels(config.evaluation.num_samples, run.model.num_classes)
+  start = time.perf_counter()
+  images = sampler.generate(params, labels, cfg_scale=config.sample.cfg_scale, seed=config.sample.seed)
+  sampling_seconds = time.perf_counter() - start
+  results = evaluation.evaluate_samples(config, images, labels)
+  results["sampling_seconds"] = sampling_seconds
+  writer.write_scalars(step, {f"eval/{k}": v for k, v in results.items()})
+  if jax.process_index() == 0:
+    out = epath.Path(workdir) / SAMPLES_SUBDIR
+    sample_lib.write_npz(out / f"eval_step_{step}.npz", images, labels)
+    sample_lib.write_png(out / f"eval_step_{step}.png",
+                         sample_lib.image_grid(images[:100], columns=run.model.num_classes),
+                         upscale=max(1, 64 // run.model.input_size))
+    (out / f"eval_step_{step}.json").write_text(json.dumps(results, indent=2, sort_keys=True))
+  logging.info("Step %d evaluation: %s", step, ", ".join(f"{k}={v:.4g}" for k, v in sorted(results.items())))
+  return results
+
+
+def _flatten(tree, prefix=""):
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+  return flat
+
+
+def sample(config: ml_collections.ConfigDict, workdir) -> str:
+  """`--mode=sample`: `sample.num_samples` images of the EMA weights -> workdir/samples/*.npz and a PNG grid.
+
+  The weights come from `config.sample.checkpoint` (any path `checkpoint.load_for_inference` accepts) or,
+  when empty, from the newest checkpoint in `workdir`. Labels are balanced over the classes.
+
+  Returns:
+    The path of the .npz file.
+  """
+  source = config.sample.checkpoint or str(workdir)
+  saved_config, ema_params = checkpoint.load_for_inference(source)
+  saved_model = ml_collections.ConfigDict(checkpoint.config_to_json_dict(config.model))
+  if saved_model.to_dict() != saved_config.model.to_dict():
+    logging.warning("The checkpoint's model config differs from --config's; using the checkpoint's: %s",
+                    saved_config.model)
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.model = saved_config.model
+  run = Run(config, check_dataset=False)
+  ema_params = jax.device_put(ema_params, run.state_shardings.ema_params)
+  sampler = run.sampler()
+  sample_config = config.sample
+  labels = sample_lib.balanced_labels(sample_config.num_samples, run.model.num_classes)
+  start = time.perf_counter()
+  with run.context():
+    images = sampler.generate(ema_params, labels, cfg_scale=sample_config.cfg_scale, seed=sample_config.seed)
+  seconds = time.perf_counter() - start
+  name = (f"{config.model.name}_{sample_config.sampler}{sample_config.num_steps}_cfg{sample_config.cfg_scale}_"
+          f"seed{sample_config.seed}_n{sample_config.num_samples}")
+  out = epath.Path(workdir) / SAMPLES_SUBDIR
+  npz_path = out / f"{name}.npz"
+  if jax.process_index() == 0:
+    sample_lib.write_npz(npz_path, images, labels)
+    sample_lib.write_png(out / f"{name}.png", sample_lib.image_grid(images[:100]),
+                         upscale=max(1, 64 // run.model.input_size))
+  logging.info("Wrote %d samples (%.1f s, %.1f images/s) to %s.", len(images), seconds, len(images) / seconds,
+               npz_path)
+  return str(npz_path)
