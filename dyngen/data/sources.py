@@ -11,6 +11,7 @@ import dataclasses
 import os
 
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core import read_only_builder
 
 from dyngen.data import digits as digits_lib
 from dyngen.data import folder as folder_lib
@@ -73,14 +74,16 @@ def prepared_builder(data_config) -> tfds.core.DatasetBuilder:
     builder = folder_lib.DyngenFolder(config=folder_lib.folder_config(folder), data_dir=data_dir,
                                       file_format="array_record")
   elif name == "imagenet2012":
-    builder = tfds.builder("imagenet2012", data_dir=data_dir)
-    if not builder.is_prepared():
+    # Read from the prepared files: no builder code (whose import pulls in tensorflow) is needed.
+    try:
+      builder = read_only_builder.builder_from_files("imagenet2012", data_dir=data_dir)
+    except tfds.core.DatasetNotFoundError as error:
       raise FileNotFoundError(_imagenet_not_prepared_message(
-          data_dir, f"imagenet2012 is not prepared in data_dir={data_dir}."))
+          data_dir, f"imagenet2012 is not prepared in data_dir={data_dir}.")) from error
     formats = [builder.info.file_format, *builder.info.alternative_file_formats]
     if tfds.core.FileFormat.ARRAY_RECORD not in formats:
       raise FileNotFoundError(_imagenet_not_prepared_message(
-          data_dir, f"imagenet2012 in {data_dir} is stored as {[str(f.value) for f in formats if f]}, "
+          data_dir, f"imagenet2012 in {data_dir} is stored as {[f.value for f in formats if f]}, "
           "but the grain pipeline reads array_record (random access)."))
     return builder
   else:

@@ -1,0 +1,7 @@
+"""Sample-quality metrics: Fréchet distance and the quickstart's digits classifier."""
+from dyngen.evaluation.digits_classifier import DigitsClassifier
+from dyngen.evaluation.digits_classifier import load_or_train_digits_classifier
+from dyngen.evaluation.digits_classifier import train_digits_classifier
+from dyngen.evaluation.frechet import feature_statistics
+from dyngen.evaluation.frechet import frechet_distance
+from dyngen.evaluation.sample_quality import digits_sample_quality
