@@ -4,9 +4,8 @@ torch is not installed, so files other than the official fixtures are written he
 which emits the same opcodes torch.save does (GLOBAL torch._utils _rebuild_tensor_v2, persistent storage ids,
 collections.OrderedDict, argparse.Namespace via NEWOBJ/BUILD) with the real pickle machinery. Expected tensor
 values come from explicit element indexing `flat[offset + sum(i_k * stride_k)]`, not from numpy's strides.
-Parity of the converted model with the official outputs is in test_dit_fixture.py.
+Parity of the converted models with the official outputs: test_dit_fixture.py, test_convert_dig.py.
 """
-import argparse
 import collections
 import io
 import json
@@ -25,6 +24,7 @@ import numpy as np
 import pytest
 
 from dyngen import checkpoint
+from dyngen import models
 from dyngen.convert import dit as dit_rules
 from dyngen.convert import load
 from dyngen.convert import param_mapping
@@ -418,7 +418,7 @@ def test_other_grid_size_is_caught_by_pos_embed():
 
 def test_pos_embed_values_are_checked(dit_tiny):
   state_dict, _ = dit_tiny
-  model = load.models.build(tiny_config())
+  model = models.build(tiny_config())
   rules, buffers = dit_rules.param_rules(model)
   tampered = dict(state_dict, pos_embed=state_dict["pos_embed"] + 1e-3)
   with pytest.raises(ParamMappingError, match=r"fixed buffers that differ \(1\):\n    pos_embed: differs from "
