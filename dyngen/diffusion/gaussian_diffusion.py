@@ -373,9 +373,11 @@ class GaussianDiffusion:
     """DDIM sampling over all steps of this process, as one lax.scan (jit the caller).
 
     Same arguments as `p_sample_loop`, plus eta (a Python number, or an array if noise is given). With eta == 0
-    the loop is deterministic and neither key nor step_noise is needed.
+    the loop is deterministic: key and step_noise are not needed, and ignored (no noise is drawn).
     """
     deterministic = isinstance(eta, (int, float)) and eta == 0
+    if deterministic:
+      key = step_noise = None
     step = lambda x, index, noise: self.ddim_sample(model_fn, x, index, noise, clip_denoised, eta)
     return self._sample_loop(step, x_T, key, step_noise, not deterministic, return_trajectory)
 
