@@ -1,7 +1,7 @@
 """Any folder of class subfolders of images, built into an array_record tfds dataset.
 
 Layout: `root/<class_name>/<any name>.{png,jpg,jpeg,bmp,webp,gif}`. Class names are sorted (Python
-string order) and numbered 0..K-1. All images form the split "train". The encoded files are stored as
+string order) and numbered 0..K-1. All images form the split "train", stored in order (classes, then file names, sorted). The encoded files are stored as
 they are (no re-encoding); the pipeline decodes them with PIL and applies the ADM centre crop.
 
 The dataset lands in `data_dir/dyngen_folder/<folder name>_<hash>/1.0.0/`, where the hash covers the
@@ -88,6 +88,7 @@ class DyngenFolder(tfds.core.GeneratorBasedBuilder):
             "file_name": tfds.features.Text(),
         }),
         supervised_keys=("image", "label"),
+        disable_shuffling=True,  # Stored in generation order, so a split's index i is a known example.
     )
 
   def _split_generators(self, dl_manager):

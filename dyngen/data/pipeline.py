@@ -27,6 +27,8 @@ With `config.data.worker_count > 0` batches are produced in that many worker pro
 (`mp_prefetch`); that needs a `if __name__ == "__main__"` guard and absl flags parsed (`app.run`), as
 `dyngen.main` does. The default 0 works everywhere (tests, notebooks) and uses threads only.
 """
+import functools
+
 import grain
 import ml_collections
 import numpy as np
@@ -128,14 +130,26 @@ def create_input_pipeline(
 def load_split_arrays(data_config, split: str) -> tuple[np.ndarray, np.ndarray]:
   """A whole (small) split in stored order, as the pipeline preprocesses it but without flips.
 
+  Cached in memory per (dataset, data_dir, image_size, split); the arrays are read-only.
+
   Returns:
     images: float32 (N, H, W, C) in [-1, 1]; labels: int32 (N,).
   """
-  image_size = sources.validate_image_size(data_config)
+  sources.validate_image_size(data_config)
+  return _load_split_arrays(data_config.name, sources.resolve_data_dir(data_config), data_config.image_size,
+                            data_config.get("folder", ""), split)
+
+
+@functools.lru_cache(maxsize=8)
+def _load_split_arrays(name: str, data_dir: str, image_size: int, folder: str, split: str):
+  data_config = ml_collections.ConfigDict(
+      {"name": name, "data_dir": data_dir, "image_size": image_size, "folder": folder})
   source = sources.open_split(data_config, split)
-  decode = transforms.DecodeAndCenterCrop(image_size, sources.DATASET_CHANNELS[data_config.name])
+  decode = transforms.DecodeAndCenterCrop(image_size, sources.DATASET_CHANNELS[name])
   examples = [decode.map(source[i]) for i in range(len(source))]
-  batch = {"image": np.stack([e["image"] for e in examples]),
-           "label": np.array([e["label"] for e in examples])}
-  batch = transforms.ScaleToSymmetricRange().map(batch)
+  batch = transforms.ScaleToSymmetricRange().map({
+      "image": np.stack([e["image"] for e in examples]),
+      "label": np.array([e["label"] for e in examples])})
+  for array in batch.values():
+    array.setflags(write=False)
   return batch["image"], batch["label"]
