@@ -3,6 +3,8 @@ float64 reference, sharding/determinism/resumption against the single-host strea
 the errors users meet. Everything is built into tmp data dirs."""
 import io
 import os
+import subprocess
+import sys
 import tarfile
 
 import grain
@@ -343,10 +345,9 @@ def _add_to_tar(tar, name, payload):
   tar.addfile(entry, io.BytesIO(payload))
 
 
-@pytest.mark.slow
 def test_imagenet_pipeline_on_a_tiny_fake_imagenet(tmp_path):
   """tfds' own imagenet2012 builder prepares fake ILSVRC tars (2 synsets x 3 JPEGs, 2 validation JPEGs)
-  in array_record; the pipeline then reads it like the real one. Slow: the builder imports tensorflow."""
+  in array_record; the pipeline then reads it like the real one. ~10 s: the builder imports tensorflow."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   manual = tmp_path / "downloads" / "manual"
@@ -364,10 +365,18 @@ def test_imagenet_pipeline_on_a_tiny_fake_imagenet(tmp_path):
   with tarfile.open(manual / "ILSVRC2012_img_val.tar", "w") as tar:
     for i in (1, 2):
       _add_to_tar(tar, f"ILSVRC2012_val_{i:08d}.JPEG", _jpeg(rng.integers(0, 256, (60, 40, 3), np.uint8)))
-  builder = tfds.builder("imagenet2012", data_dir=str(tmp_path), file_format="array_record")
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(manual)))
-
+  download_config = tfds.download.DownloadConfig(manual_dir=str(manual))
+  # Prepared as TFRecord (tfds' default): refused with the conversion command.
+  tfds.builder("imagenet2012", data_dir=str(tmp_path / "tfrecord")).download_and_prepare(
+      download_config=download_config)
   config = data.default_config("imagenet2012")
+  config.data_dir = str(tmp_path / "tfrecord")
+  with pytest.raises(FileNotFoundError, match="stored as \\['tfrecord'\\](.|\n)*tfds convert_format"):
+    data.dataset_info(config)
+
+  builder = tfds.builder("imagenet2012", data_dir=str(tmp_path), file_format="array_record")
+  builder.download_and_prepare(download_config=download_config)
+
   config.update(data_dir=str(tmp_path), image_size=16)
   info = data.dataset_info(config)
   assert info.num_classes == 1000 and info.image_shape == (16, 16, 3)
@@ -379,3 +388,34 @@ def test_imagenet_pipeline_on_a_tiny_fake_imagenet(tmp_path):
   crops = [data.center_crop_adm(Image.open(io.BytesIO(jpeg)).convert("RGB"), 16) for jpeg in train_pixels.values()]
   for image in to_uint8(batch["image"]):
     assert any(np.array_equal(image, c) or np.array_equal(image, c[:, ::-1]) for c in crops)
+
+
+@pytest.mark.slow
+def test_worker_processes_give_the_same_batches(digits_config, tmp_path):
+  """worker_count > 0 (grain worker processes) needs a main guard and parsed absl flags: run it as a script.
+  Slow: every worker process imports jax and tfds."""
+  script = tmp_path / "workers.py"
+  script.write_text(f"""
+from absl import app
+import numpy as np
+from dyngen import data
+
+def main(_):
+  config = data.default_config("digits")
+  config.update(data_dir={digits_config.data_dir!r}, random_flip=True)
+  def pipeline(worker_count):
+    config.worker_count = worker_count
+    return data.create_input_pipeline(config, global_batch_size=32, seed=1, process_index=0, process_count=1)
+  in_process, workers = pipeline(0), pipeline(2)
+  same = all(np.array_equal(next(in_process)["image"], next(workers)["image"]) for _ in range(6))
+  workers.close()
+  print("RESULT", same)
+
+if __name__ == "__main__":
+  app.run(main)
+""")
+  repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([repo_root, os.environ.get("PYTHONPATH", "")]))
+  result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300,
+                          check=False)
+  assert "RESULT True" in result.stdout, result.stderr[-3000:]

@@ -143,7 +143,6 @@ def test_bad_inputs_are_refused(classifier, digits_config):
     evaluation.load_or_train_digits_classifier(imagenet)
 
 
-@pytest.mark.slow
 def test_classifier_training_is_deterministic(digits_config, classifier):
   again = digits_classifier.train_digits_classifier(digits_config, seed=0)
   test_images, _ = data.load_split_arrays(digits_config, "test")

@@ -21,7 +21,9 @@ read) and `set_state(state)` resumes exactly there. Save it beside the train sta
       state=ocp.args.StandardRestore(abstract_train_state),
       data_iterator=grain.checkpoint.CheckpointRestore(data_iterator)))  # restores data_iterator in place
 
-grain writes one `process_<i>-of-<n>.json` per host into the `data_iterator` item folder.
+grain writes one `process_<i>-of-<n>.json` per host into the `data_iterator` item folder, so a run
+resumes with the same number of hosts and the same `worker_count` (the state's layout depends on both);
+the batches themselves do not depend on `worker_count`.
 
 With `config.data.worker_count > 0` batches are produced in that many worker processes
 (`mp_prefetch`); that needs a `if __name__ == "__main__"` guard and absl flags parsed (`app.run`), as
@@ -120,8 +122,13 @@ def create_input_pipeline(
   dataset = dataset[process_index::process_count]
   dataset = dataset.batch(global_batch_size // process_count, drop_remainder=drop_remainder)
   dataset = dataset.map(transforms.ScaleToSymmetricRange())
+  read_threads = data_config.get("read_threads", 8)
+  if read_threads < 0:
+    raise ValueError(f"config.data.read_threads={read_threads} must be >= 0 (0 = decode in the caller's thread).")
+  # Elements are whole batches here: each thread decodes one batch, and the buffer holds a few batches
+  # (grain's default of 500 elements would hold 500 batches: ~100 GB of 256px ImageNet).
   iter_dataset = dataset.to_iter_dataset(
-      grain.ReadOptions(num_threads=data_config.get("read_threads", 8)))
+      grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=2 * max(read_threads, 1)))
   if worker_count > 0:
     iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
   return iter(iter_dataset)
