@@ -74,10 +74,6 @@ def test_forward_with_guidance_float32(case):
   np.testing.assert_allclose(out, nhwc(outputs["cfg_out_f32"]), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "the model is not float64-clean yet: layers.layer_norm computes in float32, DiffusionBackbone casts its "
-    "output to float32 and jax.nn.dot_product_attention takes its softmax in float32 (max abs error 3.4e-7; "
-    "8.9e-16 once those three follow the compute dtype). Remove this marker when they do."))
 def test_forward_float64(case):
   inputs, outputs, params = case
   with jax.enable_x64(True):

@@ -34,7 +34,7 @@ def resolve_implementation(implementation, num_tokens, dtype, backend=None):
 
 
 def _chunked_attention(q, k, v, chunk_size):
-  """q, k, v: (B, T, H, Dh) -> (B, T, H, Dh); softmax in fp32, scores one query block at a time."""
+  """q, k, v: (B, T, H, Dh) -> (B, T, H, Dh); softmax in at least fp32, one query block at a time."""
   batch, length, heads, head_dim = q.shape
   chunk = min(chunk_size, length)
   num_chunks = -(-length // chunk)
@@ -42,11 +42,13 @@ def _chunked_attention(q, k, v, chunk_size):
   q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))) * (head_dim ** -0.5)
   q_blocks = q.reshape(batch, num_chunks, chunk, heads, head_dim).swapaxes(0, 1)
 
+  stats_dtype = jnp.promote_types(q.dtype, jnp.float32)
+
   @jax.checkpoint
   def one_block(q_block):
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q_block, k, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q_block, k, preferred_element_type=stats_dtype)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs, v, preferred_element_type=jnp.float32).astype(q.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v, preferred_element_type=stats_dtype).astype(q.dtype)
 
   _, out = jax.lax.scan(lambda carry, qb: (carry, one_block(qb)), None, q_blocks)
   out = out.swapaxes(0, 1).reshape(batch, num_chunks * chunk, heads, head_dim)
@@ -63,6 +65,8 @@ def _pallas_tpu_attention(q, k, v):
 def dot_product_attention(q, k, v, implementation="auto", chunk_size=1024):
   """Non-causal multi-head attention. q, k, v: (B, T, H, Dh) -> (B, T, H, Dh)."""
   implementation = resolve_implementation(implementation, q.shape[1], q.dtype)
+  if q.dtype == jnp.float64:  # jax.nn.dot_product_attention takes its softmax in float32.
+    implementation = "chunked"
   if implementation == "chunked":
     return _chunked_attention(q, k, v, chunk_size)
   if implementation == "pallas_tpu":

@@ -65,16 +65,17 @@ class GatedLinearAttention(nn.Module):
         kernel_init=layers.partitioned(
             layers.xavier_uniform_fused(self.gate_low_rank_dim, key_dim, GLA_INIT_GAIN), (None, "heads", "kv")),
         bias_init=layers.partitioned(layers.zeros, ("heads", "kv")))(low_rank)
-    log_alpha = jax.nn.log_sigmoid(gate_logits.astype(jnp.float32)) / self.gate_logit_normalizer
+    log_alpha = jax.nn.log_sigmoid(gate_logits.astype(layers.at_least_float32(self.dtype))) / self.gate_logit_normalizer
 
     o = gla.gated_linear_attention(q, k, v, log_alpha, chunk_size=self.chunk_size, reverse=reverse,
                                    implementation=self.implementation)
     o = nn.with_logical_constraint(o, ("batch", "length", "act_heads", None))
-    # Fused RMSNorm-swish gate of fla, in fp32: o * rsqrt(mean(o²) + eps) * weight * g * sigmoid(g).
-    o32 = o.astype(jnp.float32)
-    o32 = o32 * jax.lax.rsqrt(jnp.mean(o32 ** 2, axis=-1, keepdims=True) + 1e-6)
+    # Fused RMSNorm-swish gate of fla, in at least fp32: o * rsqrt(mean(o²) + eps) * weight * g * sigmoid(g).
+    stats_dtype = layers.at_least_float32(self.dtype)
+    o = o.astype(stats_dtype)
+    o = o * jax.lax.rsqrt(jnp.mean(o ** 2, axis=-1, keepdims=True) + 1e-6)
     weight = self.param("g_norm_swish_gate", layers.partitioned(nn.initializers.ones_init(), ("kv",)), (head_v,))
-    o = (o32 * weight * nn.silu(g.astype(jnp.float32))).astype(self.dtype)
+    o = (o * weight * nn.silu(g.astype(stats_dtype))).astype(self.dtype)
     return nn.DenseGeneral(
         width, axis=(-2, -1), use_bias=False, dtype=self.dtype, param_dtype=jnp.float32, name="o_proj",
         kernel_init=layers.partitioned(layers.xavier_uniform_fused(value_dim, width, GLA_INIT_GAIN),
@@ -141,11 +142,11 @@ class DiGBlock(nn.Module):
     width = x.shape[-1]
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = layers.adaln_modulation(
         c, width, 6, self.dtype)
-    h = layers.modulate(layers.layer_norm()(x), shift_msa, scale_msa).astype(self.dtype)
+    h = layers.modulate(layers.layer_norm(self.dtype)(x), shift_msa, scale_msa).astype(self.dtype)
     x = x + gate_msa[:, None] * GatedLinearAttention(
         self.num_heads, implementation=self.gla_implementation, chunk_size=self.gla_chunk_size,
         dtype=self.dtype, name="attn")(h, reverse=reverse)
-    h = layers.modulate(layers.layer_norm()(x), shift_mlp, scale_mlp).astype(self.dtype)
+    h = layers.modulate(layers.layer_norm(self.dtype)(x), shift_mlp, scale_mlp).astype(self.dtype)
     x = x + gate_mlp[:, None] * SwiGLU(swiglu_hidden_size(width, self.mlp_ratio), self.dtype, name="mlp")(h)
     x = DepthwiseConv(self.grid_size, dtype=self.dtype, name="dw_conv")(x, rotate=reverse)
     return nn.with_logical_constraint(x, ("batch", "length", "act_embed"))

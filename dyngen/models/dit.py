@@ -57,10 +57,10 @@ class DiTBlock(nn.Module):
     width = x.shape[-1]
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = layers.adaln_modulation(
         c, width, 6, self.dtype)
-    h = layers.modulate(layers.layer_norm()(x), shift_msa, scale_msa).astype(self.dtype)
+    h = layers.modulate(layers.layer_norm(self.dtype)(x), shift_msa, scale_msa).astype(self.dtype)
     x = x + gate_msa[:, None] * Attention(self.num_heads, self.attention, self.attention_chunk_size, self.dtype,
                                           name="attn")(h)
-    h = layers.modulate(layers.layer_norm()(x), shift_mlp, scale_mlp).astype(self.dtype)
+    h = layers.modulate(layers.layer_norm(self.dtype)(x), shift_mlp, scale_mlp).astype(self.dtype)
     x = x + gate_mlp[:, None] * Mlp(int(width * self.mlp_ratio), self.dtype, name="mlp")(h)
     return nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
 

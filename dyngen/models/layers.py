@@ -45,9 +45,14 @@ def modulate(x, shift, scale):
   return x * (1 + scale[:, None, :]) + shift[:, None, :]
 
 
-def layer_norm(name=None):
-  """LayerNorm without affine parameters, eps 1e-6, computed in fp32 (as every official block uses)."""
-  return nn.LayerNorm(epsilon=1e-6, use_bias=False, use_scale=False, dtype=jnp.float32, name=name)
+def at_least_float32(dtype):
+  """The dtype for reductions and statistics: float32, or float64 when computing in float64."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def layer_norm(dtype=jnp.float32, name=None):
+  """LayerNorm without affine parameters, eps 1e-6, computed in at least fp32 (every official block's norm)."""
+  return nn.LayerNorm(epsilon=1e-6, use_bias=False, use_scale=False, dtype=at_least_float32(dtype), name=name)
 
 
 def timestep_frequencies(t, dim=256, max_period=10000):
@@ -165,7 +170,7 @@ class FinalLayer(nn.Module):
   @nn.compact
   def __call__(self, x, c):
     shift, scale = adaln_modulation(c, self.hidden_size, 2, self.dtype)
-    x = modulate(layer_norm()(x), shift, scale).astype(self.dtype)
+    x = modulate(layer_norm(self.dtype)(x), shift, scale).astype(self.dtype)
     return dense(self.patch_size ** 2 * self.out_channels, ("embed", "out"), kernel_init=zeros,
                  dtype=self.dtype, name="linear")(x)
 
@@ -247,13 +252,15 @@ class DiffusionBackbone(nn.Module):
 
   @nn.compact
   def __call__(self, x, t, y, train=False, force_drop=None):
-    """x: (B, H, W, C) NHWC; t: (B,) original timesteps; y: (B,) labels -> (B, H, W, C_out) float32."""
+    """x: (B, H, W, C) NHWC; t: (B,) original timesteps; y: (B,) labels -> (B, H, W, C_out) float32
+    (float64 when computing in float64)."""
     tokens, c = self.embed(x, t, y, train, force_drop)
     tokens = nn.with_logical_constraint(tokens, ("batch", "length", "act_embed"))
     tokens = self.blocks(tokens, c, train)
     out = FinalLayer(self.hidden_size, self.patch_size, self.out_channels, self.compute_dtype,
                      name="final_layer")(tokens, c)
-    return unpatchify(out, self.patch_size, self.out_channels, self.grid_size).astype(jnp.float32)
+    return unpatchify(out, self.patch_size, self.out_channels, self.grid_size).astype(
+        at_least_float32(self.compute_dtype))
 
 
 def xavier_uniform_fused(fan_in, fan_out, gain=1.0):

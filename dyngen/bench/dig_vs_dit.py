@@ -1,0 +1,123 @@
+r"""DiG-S/2 against DiT-S/2, batch 1, forward+backward, over growing token counts, in one process.
+
+  python -m dyngen.bench.dig_vs_dit --output=docs/benchmarks/dig_vs_dit_cpu.md
+
+For each token count (image side = 2 * sqrt(tokens) latent pixels at patch 2) it compiles the gradient of
+sum(model(x)^2) with respect to the parameters for
+  DiT, plain XLA attention        (what `attention="xla"` gives; XLA on CPU has no fused attention),
+  DiT, query-chunked attention    (what a user would pick instead for long sequences),
+  DiG, the configured GLA implementation,
+all with the same remat policy, reads XLA's compiled memory (`memory_analysis`, no run needed) and times
+the median of `--repeats` runs. A configuration whose compiled peak exceeds 80% of this host's available
+memory is reported as not fitting instead of being run.
+"""
+from absl import app
+from absl import flags
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from dyngen import models
+from dyngen.bench import measure
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("tokens", ["256", "1024", "4096", "12544", "16384"], "Token counts (squares of even grids).")
+flags.DEFINE_string("variant", "S/2", "Model size/patch of both families.")
+flags.DEFINE_integer("repeats", 3, "Timed runs per configuration (after one warm-up run).")
+flags.DEFINE_integer("max_repeats_tokens", 4096, "Above this many tokens, time a single run.")
+flags.DEFINE_bool("remat", True, "Rematerialise each block in both families (the same policy on both sides).")
+flags.DEFINE_integer("attention_chunk_size", 1024, "Query block of DiT's chunked attention.")
+flags.DEFINE_string("gla_implementation", "auto", "GLA implementation of DiG.")
+flags.DEFINE_integer("gla_chunk_size", 64, "GLA chunk size of DiG.")
+flags.DEFINE_string("output", "", "Also write the markdown table here.")
+
+CANDIDATES = (
+    ("DiT, plain attention", "dit", dict(attention="xla")),
+    ("DiT, chunked attention", "dit", dict(attention="chunked")),
+    ("DiG", "dig", dict()),
+)
+
+
+def model_config(family, tokens, overrides):
+  grid = int(round(tokens ** 0.5))
+  if grid * grid != tokens:
+    raise ValueError(f"--tokens must be perfect squares, got {tokens}")
+  variant = models.variant(FLAGS.variant)
+  fields = dict(name=family, input_size=grid * variant["patch_size"], in_channels=4, mlp_ratio=4.0,
+                class_dropout_prob=0.1, num_classes=1000, learn_sigma=True, remat=FLAGS.remat, **variant)
+  if family == "dit":
+    fields.update(attention_chunk_size=FLAGS.attention_chunk_size)
+  else:
+    fields.update(gla_implementation=FLAGS.gla_implementation, gla_chunk_size=FLAGS.gla_chunk_size)
+  fields.update(overrides)
+  return ml_collections.ConfigDict(fields)
+
+
+def init_params(config):
+  """Parameters do not depend on the token count (positions are a fixed table): init at a small size."""
+  small = ml_collections.ConfigDict(dict(config, input_size=4 * config.patch_size))
+  model = models.build(small)
+  x = jnp.zeros((1, small.input_size, small.input_size, small.in_channels))
+  label = jnp.zeros((1,), jnp.int32)
+  variables = jax.jit(model.init)({"params": jax.random.key(0)}, x, label, label)
+  # Shift every parameter off its (partly zero) init so no branch is skipped as trivially zero.
+  return jax.tree.map(lambda p: p + 0.02, nn.unbox(variables["params"]))
+
+
+def gradient_fn(model):
+  def loss(params, x, t, y):
+    return jnp.sum(model.apply({"params": params}, x, t, y) ** 2)
+  return jax.grad(loss)
+
+
+def run_benchmark():
+  budget = measure.default_memory_budget()
+  rows, results = [], {}
+  for tokens in map(int, FLAGS.tokens):
+    for label, family, overrides in CANDIDATES:
+      config = model_config(family, tokens, overrides)
+      params = init_params(config)
+      model = models.build(config)
+      x = jax.random.normal(jax.random.key(1), (1, config.input_size, config.input_size, config.in_channels))
+      t = jnp.array([500], jnp.int32)
+      y = jnp.array([1], jnp.int32)
+      repeats = FLAGS.repeats if tokens <= FLAGS.max_repeats_tokens else 1
+      result = measure.measure(gradient_fn(model), params, x, t, y, repeats=repeats, memory_budget_bytes=budget)
+      results[tokens, label] = result
+      print(f"{tokens:6d} tokens  {label:24s} compile {result.compile_s:7.1f} s  "
+            f"median {result.median_s:8.3f} s  temp {measure.gib(result.temp_bytes):7.2f} GiB"
+            + ("" if result.fits else "  (does not fit: not run)"), flush=True)
+  for tokens in map(int, FLAGS.tokens):
+    plain = results[tokens, CANDIDATES[0][0]]
+    chunked = results[tokens, CANDIDATES[1][0]]
+    for label, _, _ in CANDIDATES:
+      r = results[tokens, label]
+      time_cell = f"{r.median_s:.3f}" if r.fits else "does not fit"
+
+      def ratio(a, b, attr):
+        if attr == "median_s" and not (a.fits and b.fits):
+          return "–"
+        return f"{getattr(a, attr) / getattr(b, attr):.2f}"
+
+      rows.append([tokens, label, f"{r.compile_s:.1f}", time_cell, f"{measure.gib(r.peak_bytes):.2f}",
+                   ratio(r, plain, "median_s"), ratio(r, chunked, "median_s"),
+                   ratio(r, plain, "peak_bytes"), ratio(r, chunked, "peak_bytes")])
+  header = ["tokens", "model", "compile s", "fwd+bwd median s", "compiled peak GiB", "time / DiT plain",
+            "time / DiT chunked", "memory / DiT plain", "memory / DiT chunked"]
+  device = jax.devices()[0]
+  text = (f"DiG-{FLAGS.variant} vs DiT-{FLAGS.variant}, batch 1, forward+backward (grad of sum(out^2)), "
+          f"remat={FLAGS.remat}, DiT chunk {FLAGS.attention_chunk_size}, GLA {FLAGS.gla_implementation} "
+          f"chunk {FLAGS.gla_chunk_size}, on {device.platform} ({device.device_kind}), jax {jax.__version__}.\n"
+          "Peak = XLA compiled temp + argument + output bytes (memory_analysis).\n\n"
+          + measure.markdown_table(header, rows))
+  measure.write_report(text, FLAGS.output)
+
+
+def main(argv):
+  del argv
+  run_benchmark()
+
+
+if __name__ == "__main__":
+  app.run(main)

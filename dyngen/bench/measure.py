@@ -1,0 +1,98 @@
+"""What every benchmark measures: compile time, steady-state wall time, XLA's memory and cost analyses.
+
+`measure(fn, *args)` jits `fn`, compiles it once (timed apart), reads `memory_analysis()` (needs no run) and
+then runs it `repeats` times, unless the compiled temp memory exceeds `memory_budget_bytes`: then the row
+says it does not fit rather than swapping the machine to death.
+"""
+import dataclasses
+import os
+import statistics
+import time
+
+import jax
+
+
+@dataclasses.dataclass
+class Measurement:
+  compile_s: float
+  temp_bytes: int
+  argument_bytes: int
+  output_bytes: int
+  flops: float | None  # XLA's cost analysis; counts a loop body once, not per iteration.
+  times_s: list[float]
+  fits: bool
+
+  @property
+  def median_s(self):
+    return statistics.median(self.times_s) if self.times_s else float("nan")
+
+  @property
+  def peak_bytes(self):
+    """Live bytes while the program runs: temporaries plus its inputs and outputs."""
+    return self.temp_bytes + self.argument_bytes + self.output_bytes
+
+
+def available_memory_bytes():
+  """MemAvailable of this host (Linux), or None where /proc/meminfo is absent."""
+  try:
+    with open("/proc/meminfo") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    return None
+  return None
+
+
+def default_memory_budget():
+  available = available_memory_bytes()
+  return None if available is None else int(0.8 * available)
+
+
+def measure(fn, *args, repeats=3, warmup=1, memory_budget_bytes=None, static_argnums=()):
+  """Compiles and times `fn(*args)`; see module docstring."""
+  start = time.perf_counter()
+  compiled = jax.jit(fn, static_argnums=static_argnums).lower(*args).compile()
+  compile_s = time.perf_counter() - start
+  memory = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # Older jax returned one dict per device.
+    cost = cost[0] if cost else None
+  measurement = Measurement(
+      compile_s=compile_s,
+      temp_bytes=int(memory.temp_size_in_bytes),
+      argument_bytes=int(memory.argument_size_in_bytes),
+      output_bytes=int(memory.output_size_in_bytes),
+      flops=(cost or {}).get("flops"),
+      times_s=[],
+      fits=True,
+  )
+  if memory_budget_bytes is not None and measurement.peak_bytes > memory_budget_bytes:
+    measurement.fits = False
+    return measurement
+  dynamic_args = [a for i, a in enumerate(args) if i not in static_argnums]
+  for i in range(warmup + repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(compiled(*dynamic_args))
+    if i >= warmup:
+      measurement.times_s.append(time.perf_counter() - start)
+  return measurement
+
+
+def gib(num_bytes):
+  return num_bytes / 2 ** 30
+
+
+def markdown_table(header, rows):
+  lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+  lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+  return "\n".join(lines)
+
+
+def write_report(text, output):
+  """Prints `text` and, when `output` is set, writes it there too."""
+  print(text)
+  if output:
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    with open(output, "w") as f:
+      f.write(text + "\n")
