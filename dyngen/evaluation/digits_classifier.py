@@ -130,19 +130,20 @@ def train_digits_classifier(data_config, seed: int = 0) -> DigitsClassifier:
       for _ in range(_TRAIN_RECIPE["epochs"])])
 
   @jax.jit
-  def train_step(params, opt_state, images, labels):
-    def loss_fn(params):
-      _, logits = model.apply({"params": params}, images)
-      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-    updates, opt_state = optimizer.update(jax.grad(loss_fn)(params), opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
+  def train(params, images, labels, batch_indices):
+    def train_step(carry, indices):
+      params, opt_state = carry
+      def loss_fn(params):
+        _, logits = model.apply({"params": params}, images[indices])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels[indices]).mean()
+      updates, opt_state = optimizer.update(jax.grad(loss_fn)(params), opt_state, params)
+      return (optax.apply_updates(params, updates), opt_state), None
 
-  # A Python loop of one jitted step: XLA:CPU compiles a whole-run lax.scan several times slower than
-  # one step, and the ~700 dispatches of ~1 ms cost less than that difference.
-  params = _init_params(model, train_images[:1], seed)
-  opt_state = jax.jit(optimizer.init)(params)  # One compile instead of one per eager zeros_like.
-  for indices in batch_indices:
-    params, opt_state = train_step(params, opt_state, train_images[indices], train_labels[indices])
+    (params, _), _ = jax.lax.scan(train_step, (params, optimizer.init(params)), batch_indices)
+    return params
+
+  # The whole run is one compiled scan (~700 steps of ~0.5 ms on a CPU).
+  params = train(_init_params(model, train_images[:1], seed), train_images, train_labels, batch_indices)
   params = jax.tree.map(np.asarray, params)
   classifier = DigitsClassifier(params=params, image_size=data_config.image_size, test_accuracy=0.0)
   classifier.test_accuracy = float(np.mean(classifier.predict(test_images) == test_labels))
