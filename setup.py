@@ -15,9 +15,9 @@ INSTALL_REQUIRES = [
     "clu>=0.0.12,<0.1",
     "einops>=0.8.2,<0.9",
     "numpy>=2.4,<2.5",
-    "ml-dtypes>=0.5",  # bfloat16 tensors in PyTorch checkpoints (already a jax dependency).
+    "ml-dtypes>=0.6,<0.7",  # bfloat16 tensors in PyTorch checkpoints (already a jax dependency).
     # tfds needs it to build datasets whose builder lives inside a package (digits, folder).
-    "importlib-resources>=6.0",
+    "importlib-resources>=7.1,<8",
     # clu's metric writers import tensorflow and tensorboard.
     "tensorflow-cpu>=2.21,<2.22",
     "tensorboard>=2.21,<2.22",
