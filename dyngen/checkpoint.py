@@ -258,3 +258,12 @@ def save_inference_checkpoint(directory, config: ml_collections.ConfigDict, para
         CONFIG: ocp.args.JsonSave(config_to_json_dict(config))}))
     manager.wait_until_finished()
     return os.fspath(manager.directory / str(step))
+
+
+def latest_step(directory) -> int | None:
+  """The newest step saved in a checkpoint directory (`workdir/checkpoints`), or None if there is none."""
+  directory = epath.Path(directory)
+  if not directory.exists():
+    return None
+  with create_manager(directory, read_only=True) as manager:
+    return manager.latest_step()

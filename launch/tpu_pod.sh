@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Train on a Cloud TPU VM pod slice. Usage:
-#   TPU_NAME=dyngen ZONE=us-central2-b ACCELERATOR=v4-64 BUCKET=gs://my-bucket \
+#   REPO=<git URL of dyngen> TPU_NAME=dyngen ZONE=us-central2-b ACCELERATOR=v4-64 BUCKET=gs://my-bucket \
 #   CONFIG=configs/dig_xl.py:XL/2 bash launch/tpu_pod.sh [--config.batch_size=512 ...]
 # Creates the slice if it does not exist, installs dyngen on every worker and starts the run on all of them.
 set -euo pipefail
 : "${TPU_NAME:?}" "${ZONE:?}" "${ACCELERATOR:?}" "${BUCKET:?}" "${CONFIG:?}"
-REPO="${REPO:-https://github.com/dyngen/dyngen.git}"
+: "${REPO:?set REPO to the git URL of your dyngen repository}"
 RUN_NAME="${RUN_NAME:-$(basename "${CONFIG%%:*}" .py)}"
 RUNTIME="${RUNTIME:-tpu-ubuntu2204-base}"
 

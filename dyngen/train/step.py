@@ -65,8 +65,8 @@ def train_step(state: TrainState, batch, *, model: nn.Module, diffusion, optimiz
       "loss": loss,
       "mse": jnp.mean(terms["mse"]),
       "vb": jnp.mean(terms["vb"]),
-      "grad_norm": optax.global_norm(grads),
-      "param_norm": optax.global_norm(params),
+      "grad_norm": optax.tree.norm(grads),
+      "param_norm": optax.tree.norm(params),
       "learning_rate": jnp.asarray(learning_rate_fn(state.step), jnp.float32),
   }
   return new_state, metrics

@@ -12,7 +12,7 @@ difference b_t - b_s cancels any huge gate before s and keeps only its rounding 
 a relative error of the whole term. Every exponent is a sum of gates <= 0, so every factor is in [0, 1] and
 nothing overflows; masked entries get -inf as the exponent (exp gives exactly 0), never `where(mask, exp, 0)`.
 
-The intra-chunk attention is split into sub-chunks of c <= 16 tokens (fla's secondary chunking). Between
+The intra-chunk attention is split into sub-chunks of c <= 8 tokens (fla's secondary chunking). Between
 sub-chunks the decay factorises through the start of the query sub-chunk,
 exp(b_t - b_s) = exp(within_t) * exp(after_s + gap), with both factors <= 1, so those blocks are matmuls;
 only the c x c diagonal blocks form their decays element by element, (c, c, Dk) per sub-chunk.
@@ -75,34 +75,66 @@ def sub_chunk_decays(g, sub):
   i, j, m = np.ogrid[:n, :n, :n]
   strictly_between = ((j < m) & (m < i)).astype(g.dtype)  # (i, j, m)
   gap = jnp.einsum("ijm,...md->...ijd", strictly_between, block_total, precision=_EXACT)
-  t, s, u = np.ogrid[:sub, :sub, :sub]
-  in_segment = ((s < u) & (u <= t)).astype(g.dtype)  # (t, s, u)
-  segment = jnp.einsum("tsu,...iud->...itsd", in_segment, blocks, precision=_EXACT)
+  # segment[t, s] = cumsum over u <= t of g_u [u > s]: gates at or before s never enter the sum.
+  after_s = (np.arange(sub)[:, None] > np.arange(sub)[None, :])[:, :, None]  # (u, s, 1)
+  masked = jnp.where(after_s, blocks[..., :, None, :], 0.0)  # (..., n, u, s, Dk)
+  segment = jax.lax.cumsum(masked, axis=masked.ndim - 3)
   return SubChunkDecays(within, _exclusive_reverse_cumsum(blocks, -2), gap, segment)
 
 
-def intra_chunk_scores(q, k, decays):
-  """q, k: (..., C, Dk), decays: SubChunkDecays -> (..., C, C).
+class IntraChunkDecays(NamedTuple):
+  """The exp factors of a chunk's intra-chunk attention, each in [0, 1]."""
+  query: jax.Array  # (..., n, c, Dk): from the start of the query's sub-chunk to t
+  key: jax.Array  # (..., n_i, n_j, c, Dk): from key s in sub-chunk j to the start of sub-chunk i; 0 if j >= i
+  diag: jax.Array  # (..., n, c, c, Dk): over (s, t] inside one sub-chunk; 0 for s > t
 
-  scores[t, s] = sum_d q_td k_sd exp(sum of g_d over (s, t]) for s <= t, and 0 above the diagonal.
-  Bilinear in (q, k): its VJP (used by the backward) is the transposed products with the same factors.
-  """
-  *lead, chunk, key_dim = q.shape
+
+def intra_chunk_decays(decays):
+  """SubChunkDecays -> IntraChunkDecays."""
   n, sub = decays.within.shape[-3:-1]
-  q_blocks = q.reshape(*lead, n, sub, key_dim)
-  k_blocks = k.reshape(*lead, n, sub, key_dim)
-  # Off-diagonal blocks (key sub-chunk j before query sub-chunk i): both factors meet at the start of i.
   earlier = (np.arange(n)[None, :] < np.arange(n)[:, None])[:, :, None, None]  # (i, j, 1, 1)
   key_to_query_block = decays.after[..., None, :, :, :] + decays.gap[..., :, :, None, :]  # (..., i, j, c, Dk)
-  k_off = k_blocks[..., None, :, :, :] * jnp.exp(jnp.where(earlier, key_to_query_block, -jnp.inf))
-  q_off = q_blocks * jnp.exp(decays.within)
-  scores = jnp.einsum("...itd,...ijsd->...itjs", q_off, k_off)  # (..., n, c, n, c)
-  # Diagonal blocks: element-wise decays, exponent masked to -inf above the diagonal.
   causal = (np.arange(sub)[None, :] <= np.arange(sub)[:, None])[:, :, None]  # (t, s, 1)
-  diag_decay = jnp.exp(jnp.where(causal, decays.segment, -jnp.inf))  # (..., n, c, c, Dk)
-  diag = jnp.sum(q_blocks[..., :, None, :] * k_blocks[..., None, :, :] * diag_decay, axis=-1)
+  # Masked exponents are -inf, so exp gives exactly 0 and never overflows.
+  return IntraChunkDecays(jnp.exp(decays.within),
+                          jnp.exp(jnp.where(earlier, key_to_query_block, -jnp.inf)),
+                          jnp.exp(jnp.where(causal, decays.segment, -jnp.inf)))
+
+
+def _split(x, n):
+  """(..., C, D) -> (..., n, C / n, D)."""
+  return x.reshape(*x.shape[:-2], n, x.shape[-2] // n, x.shape[-1])
+
+
+def intra_chunk_scores(q, k, decays):
+  """q, k: (..., C, Dk), decays: IntraChunkDecays -> scores (..., C, C).
+
+  scores[t, s] = sum_d q_td k_sd exp(sum of g_d over (s, t]) for s <= t, and 0 above the diagonal.
+  """
+  *lead, chunk, _ = q.shape
+  n = decays.query.shape[-3]
+  q_blocks, k_blocks = _split(q, n), _split(k, n)
+  # Key sub-chunk j before query sub-chunk i: both factors meet at the start of i, so a matmul.
+  k_off = k_blocks[..., None, :, :, :] * decays.key  # (..., i, j, c, Dk)
+  scores = jnp.einsum("...itd,...ijsd->...itjs", q_blocks * decays.query, k_off)  # (..., n, c, n, c)
+  diag = jnp.sum(q_blocks[..., :, None, :] * k_blocks[..., None, :, :] * decays.diag, axis=-1)
   scores = scores + diag[..., :, :, None, :] * np.eye(n, dtype=q.dtype)[:, None, :, None]
   return scores.reshape(*lead, chunk, chunk)
+
+
+def intra_chunk_scores_vjp(d_scores, q, k, decays):
+  """The transpose of intra_chunk_scores in (q, k): d_scores (..., C, C) -> (dq, dk), each (..., C, Dk)."""
+  n = decays.query.shape[-3]
+  q_blocks, k_blocks = _split(q, n), _split(k, n)
+  d_blocks = d_scores.reshape(*d_scores.shape[:-2], n, q_blocks.shape[-2], n, q_blocks.shape[-2])
+  k_off = k_blocks[..., None, :, :, :] * decays.key
+  dq = decays.query * jnp.einsum("...itjs,...ijsd->...itd", d_blocks, k_off)
+  dk = jnp.sum(decays.key * jnp.einsum("...itjs,...itd->...ijsd", d_blocks, q_blocks * decays.query), axis=-4)
+  d_diag = jnp.moveaxis(jnp.diagonal(d_blocks, axis1=-4, axis2=-2), -1, -3)  # (..., n, t, s)
+  weighted = d_diag[..., None] * decays.diag  # (..., n, t, s, Dk)
+  dq = dq + jnp.sum(weighted * k_blocks[..., None, :, :], axis=-2)
+  dk = dk + jnp.sum(weighted * q_blocks[..., :, None, :], axis=-3)
+  return dq.reshape(q.shape), dk.reshape(k.shape)
 
 
 def _in_processing_order(x, reverse):
@@ -120,7 +152,7 @@ def _forward(q, k, v, log_alpha, scale, chunk_size, reverse):
   def step(state, chunk):
     q, k, v, g = (_in_processing_order(x, reverse) for x in chunk)
     decays = chunk_decays(g)
-    scores = intra_chunk_scores(q, k, sub_chunk_decays(g, sub))
+    scores = intra_chunk_scores(q, k, intra_chunk_decays(sub_chunk_decays(g, sub)))
     o = (jnp.einsum("...tk,...kv->...tv", q * jnp.exp(decays.prefix), state)
          + jnp.einsum("...ts,...sv->...tv", scores, v))
     return _next_state(state, k, v, decays), _in_processing_order(o, reverse)
@@ -163,9 +195,9 @@ def _backward(scale, chunk_size, reverse, residuals, d_o):
     d_state, dg_later = carry
     q, k, v, g, do, dq_inter = (_in_processing_order(x, reverse) for x in chunk)
     decays = chunk_decays(g)
-    sub_decays = sub_chunk_decays(g, sub)
-    scores, scores_vjp = jax.vjp(lambda q, k: intra_chunk_scores(q, k, sub_decays), q, k)
-    dq, dk = scores_vjp(jnp.einsum("...tv,...sv->...ts", do, v))
+    intra_decays = intra_chunk_decays(sub_chunk_decays(g, sub))
+    scores = intra_chunk_scores(q, k, intra_decays)
+    dq, dk = intra_chunk_scores_vjp(jnp.einsum("...tv,...sv->...ts", do, v), q, k, intra_decays)
     dq = dq + dq_inter
     key_decay = jnp.exp(decays.suffix)
     dk = dk + key_decay * jnp.einsum("...sv,...kv->...sk", v, d_state)
