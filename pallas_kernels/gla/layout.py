@@ -66,6 +66,19 @@ def from_chunks(x, length, dtype):
   return x[:, :length].astype(dtype)
 
 
+def to_head_major(x, chunk_size):
+  """x: (B, T, H, D) -> (B * H, padded T, D), the layout of the Pallas kernels (one head's tokens contiguous)."""
+  batch, _, heads, dim = x.shape
+  x = pad_time(x, chunk_size)
+  return x.transpose(0, 2, 1, 3).reshape(batch * heads, -1, dim)
+
+
+def from_head_major(x, batch, length, dtype):
+  """x: (B * H, padded T, D) -> (B, length, H, D) in `dtype`, padding dropped."""
+  x = x[:, :length].reshape(batch, -1, length, x.shape[-1])
+  return x.transpose(0, 2, 1, 3).astype(dtype)
+
+
 def sub_chunk_size(chunk_size):
   """Largest divisor of `chunk_size` not above MAX_SUB_CHUNK."""
   return max(d for d in range(1, min(chunk_size, MAX_SUB_CHUNK) + 1) if chunk_size % d == 0)
