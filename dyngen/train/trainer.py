@@ -57,13 +57,15 @@ def training_diffusion(config):
 class Run:
   """What `train_and_evaluate` and `sample` set up from a config: model, mesh, shardings, abstract state."""
 
-  def __init__(self, config: ml_collections.ConfigDict, *, check_dataset: bool = True):
-    config_checks.check_config(config, num_devices=jax.device_count(), process_count=jax.process_count())
+  def __init__(self, config: ml_collections.ConfigDict, *, check_dataset: bool = True,
+               devices: Sequence[jax.Device] | None = None):
+    devices = list(jax.devices() if devices is None else devices)
+    config_checks.check_config(config, num_devices=len(devices), process_count=jax.process_count())
     self.config = config
     if check_dataset:  # Sampling needs no data (and ImageNet need not be on the sampling machine).
       config_checks.check_dataset(config, data_lib.dataset_info(config.data))
     self.model = models.build(config.model)
-    self.mesh = sharding.create_mesh(config.mesh)
+    self.mesh = sharding.create_mesh(config.mesh, devices)
     self.rules = sharding.rules_as_tuples(config.sharding.logical_axis_rules)
     self.optimizer = state_lib.create_optimizer(config.optimizer)
     self.learning_rate_fn = state_lib.learning_rate_schedule(config.optimizer)

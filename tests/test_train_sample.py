@@ -1,0 +1,52 @@
+"""Sampling outputs: uint8 conversion, grids, the ADM .npz format, and `--mode=sample` from a checkpoint."""
+import jax
+import numpy as np
+from PIL import Image
+
+from dyngen import checkpoint
+from dyngen.train import sample as sample_lib
+from dyngen.train import trainer
+
+
+def test_to_uint8_matches_dit_sample_ddp():
+  # DiT's sample_ddp.py: clamp(127.5 * x + 128, 0, 255).to(uint8), which truncates.
+  values = np.array([-2.0, -1.0, -0.999, 0.0, 0.5, 0.999, 1.0, 3.0], np.float32)
+  expected = np.array([0, 0, 0, 128, 191, 255, 255, 255], np.uint8)
+  np.testing.assert_array_equal(sample_lib.to_uint8(values), expected)
+
+
+def test_image_grid_places_images_row_major_with_padding():
+  images = np.stack([np.full((2, 3, 1), 10 * (i + 1), np.uint8) for i in range(5)])
+  grid = sample_lib.image_grid(images, columns=3, padding=1)
+  assert grid.shape == (1 + 2 * (2 + 1), 1 + 3 * (3 + 1), 1)
+  # Image i sits at row i // 3, column i % 3; padding stays 0.
+  for i in range(5):
+    top, left = 1 + (i // 3) * 3, 1 + (i % 3) * 4
+    assert (grid[top:top + 2, left:left + 3] == 10 * (i + 1)).all()
+  assert grid[0].max() == 0 and grid[:, 0].max() == 0
+  assert grid[4:6, 9:12].max() == 0  # The sixth cell is empty.
+
+
+def test_balanced_labels():
+  np.testing.assert_array_equal(sample_lib.balanced_labels(7, 3), [0, 1, 2, 0, 1, 2, 0])
+
+
+def test_sample_mode_writes_adm_npz_and_png(tmp_path, tiny_config):
+  config = tiny_config(sample__num_samples=12, sample__batch_size=8, sample__cfg_scale=1.5)
+  # Weights as `python -m dyngen.convert` would leave them: an inference checkpoint outside the workdir.
+  # Random final-layer weights so that the samples are not the trivial output of a zero-initialised model.
+  params = jax.device_get(trainer.Run(config).initial_state().params)
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda p: p + 0.02 * rng.standard_normal(p.shape).astype(np.float32), params)
+  config.sample.checkpoint = checkpoint.save_inference_checkpoint(tmp_path / "converted", config, params)
+
+  npz_path = trainer.sample(config, tmp_path / "workdir")
+  with np.load(npz_path) as arrays:
+    images, labels = arrays["arr_0"], arrays["arr_1"]
+  assert images.dtype == np.uint8 and images.shape == (12, 8, 8, 1)
+  np.testing.assert_array_equal(labels, np.arange(12) % 10)
+  assert len({image.tobytes() for image in images}) == 12  # Every sample is its own image.
+  png = Image.open(npz_path.replace(".npz", ".png"))
+  assert png.mode == "L" and png.size[0] > 8
+  # The same seed gives the same samples.
+  np.testing.assert_array_equal(np.load(trainer.sample(config, tmp_path / "again"))["arr_0"], images)
