@@ -38,11 +38,16 @@ def inputs(config, batch=2):
           jax.random.randint(kt, (batch,), 0, 1000), jax.random.randint(ky, (batch,), 0, config.num_classes))
 
 
+def apply(model, params, *args, **kwargs):
+  """model.apply under jit: eager Flax dispatches op by op, which dominates tiny-model test time on CPU."""
+  return jax.jit(lambda p, *a: model.apply({"params": p}, *a, **kwargs))(params, *args)
+
+
 def random_params(model, config):
-  params = nn.unbox(model.init({"params": jax.random.key(1)}, *inputs(config))["params"])
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(2), len(leaves))
-  return tree.unflatten([p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+  params = nn.unbox(jax.jit(model.init)({"params": jax.random.key(1)}, *inputs(config))["params"])
+  # numpy draws: every new shape given to jax.random would compile a program of its own.
+  rng = np.random.default_rng(2)
+  return jax.tree.map(lambda p: p + np.float32(0.05) * rng.standard_normal(p.shape, np.float32), params)
 
 
 # Official parameter counts (sum of numel of DiG's parameters, which includes the frozen pos_embed).
@@ -96,11 +101,11 @@ def test_depthwise_conv_is_identity_at_init_and_rotation_is_exact():
 
 def test_scan_schedule_matches_official_flip_and_transpose():
   """dyngen's reversal bookkeeping against the official order: flip after every block, transpose after odd."""
-  config = tiny_config(depth=8)
+  config = tiny_config()  # depth 4: each of the four scan orientations once, ending in raster order
   model = models.build(config)
   x, t, y = inputs(config)
   params = random_params(model, config)
-  got = model.apply({"params": params}, x, t, y)
+  got = apply(model, params, x, t, y)
 
   class Official(dig.Model):
     """The official forward: every block causal with the stored kernel; flips and transposes done literally."""
@@ -120,7 +125,7 @@ def test_scan_schedule_matches_official_flip_and_transpose():
 
   fields = dict(config)
   fields.pop("name")
-  expected = Official(**fields).apply({"params": params}, x, t, y)
+  expected = apply(Official(**fields), params, x, t, y)
   # Different GLA evaluation (chunked vs token scan) and order: fp32 rounding only.
   np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5 * float(jnp.abs(expected).max()))
 
@@ -128,16 +133,16 @@ def test_scan_schedule_matches_official_flip_and_transpose():
 def test_initial_model_outputs_zero_and_grads_finite():
   config = tiny_config()
   model = models.build(config)
-  variables = model.init({"params": jax.random.key(0)}, *inputs(config))
-  assert float(jnp.abs(model.apply(variables, *inputs(config))).max()) == 0.0
+  variables = jax.jit(model.init)({"params": jax.random.key(0)}, *inputs(config))
+  assert float(jnp.abs(apply(model, variables["params"], *inputs(config))).max()) == 0.0
   params = random_params(model, config)
-  grads = jax.grad(lambda p: jnp.sum(model.apply({"params": p}, *inputs(config)) ** 2))(params)
+  grads = jax.jit(jax.grad(lambda p: jnp.sum(model.apply({"params": p}, *inputs(config)) ** 2)))(params)
   assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
 
 
 def test_remat_matches():
   config = tiny_config()
   params = random_params(models.build(config), config)
-  a = models.build(config).apply({"params": params}, *inputs(config))
-  b = models.build(tiny_config(remat=True)).apply({"params": params}, *inputs(config))
+  a = apply(models.build(config), params, *inputs(config))
+  b = apply(models.build(tiny_config(remat=True)), params, *inputs(config))
   np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)

@@ -37,12 +37,17 @@ def inputs(config, batch=2, seed=0):
   return x, t, y
 
 
+def apply(model, params, *args, **kwargs):
+  """model.apply under jit: eager Flax dispatches op by op, which dominates tiny-model test time on CPU."""
+  return jax.jit(lambda p, *a: model.apply({"params": p}, *a, **kwargs))(params, *args)
+
+
 def random_params(model, config, seed=1):
   """Init, then perturb every parameter: the official init zeroes adaLN and final layers (output = 0)."""
-  params = nn.unbox(model.init({"params": jax.random.key(seed)}, *inputs(config))["params"])
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-  return tree.unflatten([p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+  params = nn.unbox(jax.jit(model.init)({"params": jax.random.key(seed)}, *inputs(config))["params"])
+  # numpy draws: every new shape given to jax.random would compile a program of its own.
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda p: p + np.float32(0.05) * rng.standard_normal(p.shape, np.float32), params)
 
 
 def count_params(config):
@@ -108,7 +113,7 @@ def test_output_shape_and_learn_sigma_off():
     config = tiny_config(learn_sigma=learn_sigma, patch_size=4, num_classes=3)
     model = models.build(config)
     params = random_params(model, config)
-    out = model.apply({"params": params}, *inputs(config))
+    out = apply(model, params, *inputs(config))
     assert out.shape == (2, 8, 8, channels)
 
 
@@ -116,8 +121,8 @@ def test_initial_model_outputs_zero():
   # adaLN-Zero: the final linear is zero-initialised, so a freshly initialised model predicts exactly 0.
   config = tiny_config()
   model = models.build(config)
-  variables = model.init({"params": jax.random.key(0)}, *inputs(config))
-  assert float(jnp.abs(model.apply(variables, *inputs(config))).max()) == 0.0
+  variables = jax.jit(model.init)({"params": jax.random.key(0)}, *inputs(config))
+  assert float(jnp.abs(apply(model, variables["params"], *inputs(config))).max()) == 0.0
 
 
 def test_chunked_attention_matches_plain_forward_and_grad():
@@ -130,8 +135,9 @@ def test_chunked_attention_matches_plain_forward_and_grad():
     model = models.build(tiny_config(input_size=16, attention=implementation, attention_chunk_size=24))
     return jnp.sum(model.apply({"params": params}, x, t, y) ** 2)
 
-  plain, plain_grad = jax.value_and_grad(loss)(params, "xla")
-  chunked, chunked_grad = jax.value_and_grad(loss)(params, "chunked")
+  grad_fn = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+  plain, plain_grad = grad_fn(params, "xla")
+  chunked, chunked_grad = grad_fn(params, "chunked")
   np.testing.assert_allclose(chunked, plain, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(chunked_grad), jax.tree.leaves(plain_grad)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.abs(b).max()))
@@ -161,11 +167,11 @@ def test_remat_and_bfloat16():
   config = tiny_config()
   x, t, y = inputs(config)
   params = random_params(models.build(config), config)
-  reference = models.build(config).apply({"params": params}, x, t, y)
-  remat = models.build(tiny_config(remat=True)).apply({"params": params}, x, t, y)
+  reference = apply(models.build(config), params, x, t, y)
+  remat = apply(models.build(tiny_config(remat=True)), params, x, t, y)
   np.testing.assert_allclose(remat, reference, rtol=1e-6, atol=1e-6)
   # bf16 compute keeps ~3 significant digits; fp32 params are left untouched.
-  bf16 = models.build(tiny_config(dtype="bfloat16")).apply({"params": params}, x, t, y)
+  bf16 = apply(models.build(tiny_config(dtype="bfloat16")), params, x, t, y)
   assert bf16.dtype == jnp.float32
   assert float(jnp.abs(bf16 - reference).max()) < 5e-2 * float(jnp.abs(reference).max())
 
@@ -175,8 +181,8 @@ def test_label_dropout_uses_null_class():
   model = models.build(config)
   x, t, y = inputs(config)
   params = random_params(model, config)
-  null = model.apply({"params": params}, x, t, jnp.full_like(y, config.num_classes))
-  forced = model.apply({"params": params}, x, t, y, force_drop=jnp.array([True, True]))
+  null = apply(model, params, x, t, jnp.full_like(y, config.num_classes))
+  forced = apply(model, params, x, t, y, force_drop=jnp.array([True, True]))
   np.testing.assert_array_equal(forced, null)
   # With probability 0.1 over 4000 labels, the dropped fraction is 0.1 ± 0.015 (3 sigma ≈ 0.014).
   embedder = models.layers.LabelEmbedder(10, 4, 0.1)
