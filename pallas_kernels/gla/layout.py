@@ -89,6 +89,11 @@ def compute_dtype(*arrays):
   return jnp.result_type(jnp.float32, *(a.dtype for a in arrays))
 
 
-def effective_chunk_size(chunk_size, length):
-  """Chunks longer than the (sub-chunk-rounded) sequence would only add padding."""
-  return min(chunk_size, num_chunks(length, MAX_SUB_CHUNK) * MAX_SUB_CHUNK)
+def effective_chunk_size(chunk_size, length, granule=MAX_SUB_CHUNK, power_of_two=False):
+  """A chunk longer than the sequence only adds padding: shrink it to the sequence length rounded up to a
+  multiple of `granule` (or to a power of two >= granule)."""
+  if power_of_two:
+    fit = max(granule, 1 << (length - 1).bit_length())
+  else:
+    fit = num_chunks(length, granule) * granule
+  return min(chunk_size, fit)

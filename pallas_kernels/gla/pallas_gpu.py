@@ -117,9 +117,7 @@ def gated_linear_attention_pallas_gpu(q, k, v, log_alpha, *, scale=None, chunk_s
     for name, dim in (("Dk", q.shape[-1]), ("Dv", v.shape[-1])):
       if not _is_power_of_two(dim) or dim < 16:
         raise ValueError(f"pallas_gpu (Triton) needs {name} to be a power of two >= 16, got {dim}")
-  # A chunk longer than the sequence would only add padding.
-  while chunk_size > SUB_CHUNK and chunk_size // 2 >= q.shape[1]:
-    chunk_size //= 2
+  chunk_size = layout.effective_chunk_size(chunk_size, q.shape[1], granule=SUB_CHUNK, power_of_two=True)
   return pallas_vjp.gated_linear_attention_pallas(
       LAUNCHERS, q, k, v, log_alpha, chunk_size=chunk_size, reverse=reverse,
       scale=layout.resolve_scale(scale, q.shape[-1]), interpret=interpret)

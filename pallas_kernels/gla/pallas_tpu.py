@@ -26,7 +26,10 @@ SUBLANES = 8
 
 
 def _heads_per_block(num_heads):
-  return max(h for h in range(1, MAX_HEADS_PER_BLOCK + 1) if num_heads % h == 0)
+  """Most heads per block up to MAX_HEADS_PER_BLOCK that still leave two blocks for the parallel axis
+  (a megacore chip splits it between its two TensorCores)."""
+  limit = min(MAX_HEADS_PER_BLOCK, max(1, num_heads // 2))
+  return max(h for h in range(1, limit + 1) if num_heads % h == 0)
 
 
 def _sub_chunk(chunk_size):
@@ -133,8 +136,7 @@ def gated_linear_attention_pallas_tpu(q, k, v, log_alpha, *, scale=None, chunk_s
   """
   if chunk_size % SUBLANES:
     raise ValueError(f"pallas_tpu needs chunk_size to be a multiple of {SUBLANES}, got {chunk_size}")
-  # A chunk longer than the sequence would only add padding.
-  chunk_size = min(chunk_size, layout.num_chunks(q.shape[1], SUBLANES) * SUBLANES)
+  chunk_size = layout.effective_chunk_size(chunk_size, q.shape[1], granule=SUBLANES)
   return pallas_vjp.gated_linear_attention_pallas(
       LAUNCHERS, q, k, v, log_alpha, chunk_size=chunk_size, reverse=reverse,
       scale=layout.resolve_scale(scale, q.shape[-1]), interpret=interpret)
