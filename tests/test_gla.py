@@ -146,6 +146,16 @@ class TestChunked(_GatedLinearAttentionTests):
     assert all(np.all(np.isfinite(g)) for g in grads)
 
 
+class TestRecurrent(_GatedLinearAttentionTests):
+  IMPLEMENTATION = "recurrent"
+  CASES = ((1, 64, False), (15, 64, True), (17, 64, False), (256, 64, True), (1000, 64, False))
+
+  def test_float64_is_exact(self):
+    """The hand-written backward must equal autodiff of the recurrence to rounding in float64."""
+    with jax.enable_x64(True):
+      self._check(*self._run(100, 64, True, jnp.float64), tolerance=1e-12, dtype=jnp.float64)
+
+
 class TestPallasTpuInterpret(_GatedLinearAttentionTests):
   IMPLEMENTATION = "pallas_tpu"
   INTERPRET = True
@@ -190,13 +200,14 @@ def test_kernels_lower_for_their_hardware(implementation, platform):
   assert exported.mlir_module().count(kernel_call) >= 2  # the dq and the dk/dv kernels
 
 
-def test_backward_memory_grows_linearly_in_length():
-  """Compiled temp memory of jit(grad) of the chunked form: 4x the tokens must cost about 4x the memory
-  (it saves only inputs and recomputes chunk by chunk) and stay far below the (T, T) score matrices of
-  softmax attention."""
+@pytest.mark.parametrize("implementation", ["chunked", "recurrent"])
+def test_backward_memory_grows_linearly_in_length(implementation):
+  """Compiled temp memory of jit(grad): 4x the tokens must cost about 4x the memory (the VJPs save only the
+  inputs and recompute) and stay far below the (T, T) score matrices of softmax attention. Autodiff of the
+  recurrence (the reference) would also be linear, but at T * Dk * Dv per head: 100 KiB per token here."""
 
   def temp_bytes(length):
-    attention = functools.partial(gla.gated_linear_attention, implementation="chunked")
+    attention = functools.partial(gla.gated_linear_attention, implementation=implementation)
     grad = jax.grad(lambda *a: jnp.sum(attention(*a)), argnums=(0, 1, 2, 3))
     return jax.jit(grad).trace(*_dig_like(length)).lower().compile(
         compiler_options=_FAST_COMPILE).memory_analysis().temp_size_in_bytes
@@ -204,11 +215,12 @@ def test_backward_memory_grows_linearly_in_length():
   short, long = temp_bytes(2048), temp_bytes(8192)
   assert 3.0 < long / short < 4.5, (short, long)
   assert long < 0.05 * 6 * 8192 ** 2 * 4, long  # 6 heads of (T, T) float32 scores: 1.6 GB
+  assert long < 10 * 1024 * 8192, long  # 10 KiB per token: inputs and a few copies, no stored states
 
 
 def test_auto_picks_the_kernel_of_the_backend():
   assert [gla.resolve_implementation("auto", b) for b in ("tpu", "gpu", "cpu")] == [
-      "pallas_tpu", "pallas_gpu", "chunked"]
+      "pallas_tpu", "pallas_gpu", "recurrent"]
   assert gla.resolve_implementation("chunked", "tpu") == "chunked"
 
 

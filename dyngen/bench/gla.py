@@ -20,7 +20,7 @@ from pallas_kernels import gla
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("lengths", ["256", "1024", "4096", "16384"], "Token counts.")
-flags.DEFINE_list("implementations", ["reference", "chunked", "pallas_tpu", "pallas_gpu"],
+flags.DEFINE_list("implementations", ["reference", "recurrent", "chunked", "pallas_tpu", "pallas_gpu"],
                   "GLA implementations to list.")
 flags.DEFINE_integer("chunk_size", 64, "GLA chunk size of the chunked and Pallas forms.")
 flags.DEFINE_integer("heads", 6, "Heads (DiG-S: 6).")

@@ -1,10 +1,14 @@
 """Gated linear attention (GLA): one public function, several implementations.
 
-  reference   token-by-token `lax.scan` recurrence (reference.py); exact in float64; for tests.
-  chunked     pure-JAX chunked form with a recompute-in-backward custom VJP (chunked.py); any backend.
+  reference   token-by-token `lax.scan` recurrence differentiated by autodiff (reference.py): the
+              specification; exact in float64; stores every state in the backward. For tests.
+  recurrent   the same scan with a custom VJP that saves only the inputs (recurrent.py): the fastest form
+              on CPU (fewest exps), 2.5-7x faster than chunked forward+backward there.
+  chunked     pure-JAX chunked form with a recompute-in-backward custom VJP (chunked.py): matmul-shaped,
+              any backend; the portable form for accelerators.
   pallas_tpu  Mosaic TPU kernels (pallas_tpu.py); on CPU with interpret=True.
   pallas_gpu  Triton GPU kernels (pallas_gpu.py); on CPU with interpret=True.
-  auto        pallas_tpu on TPU, pallas_gpu on GPU, chunked on CPU.
+  auto        pallas_tpu on TPU, pallas_gpu on GPU, recurrent on CPU.
 """
 
 import jax
@@ -13,10 +17,11 @@ from pallas_kernels.gla import layout
 from pallas_kernels.gla.chunked import gated_linear_attention_chunked
 from pallas_kernels.gla.pallas_gpu import gated_linear_attention_pallas_gpu
 from pallas_kernels.gla.pallas_tpu import gated_linear_attention_pallas_tpu
+from pallas_kernels.gla.recurrent import gated_linear_attention_recurrent
 from pallas_kernels.gla.reference import gated_linear_attention_reference
 
 IMPLEMENTATIONS = layout.IMPLEMENTATIONS
-_AUTO = {"tpu": "pallas_tpu", "gpu": "pallas_gpu", "cpu": "chunked"}
+_AUTO = {"tpu": "pallas_tpu", "gpu": "pallas_gpu", "cpu": "recurrent"}
 _KERNEL_BACKEND = {"pallas_tpu": "tpu", "pallas_gpu": "gpu"}
 
 
@@ -38,7 +43,8 @@ def gated_linear_attention(q, k, v, log_alpha, *, scale=None, chunk_size=64, rev
   Args:
     q, k: (B, T, H, Dk). v: (B, T, H, Dv). log_alpha: (B, T, H, Dk), log of the per-key-dim decay (<= 0).
     scale: query scale, default Dk ** -0.5.
-    chunk_size: tokens per chunk of the chunked and Pallas forms; any T is padded internally.
+    chunk_size: tokens per chunk of the chunked and Pallas forms (unused by reference and recurrent);
+      any T is padded internally.
       pallas_tpu needs a multiple of 8, pallas_gpu a power of two >= 16.
     reverse: run the recurrence from t = T-1 down to 0 (o_t sees tokens t..T-1).
     implementation: one of IMPLEMENTATIONS.
@@ -46,7 +52,7 @@ def gated_linear_attention(q, k, v, log_alpha, *, scale=None, chunk_size=64, rev
       pallas_tpu (simulates TPU memory and can detect races). Needed on a backend the kernel is not for.
   Returns:
     o: (B, T, H, Dv) in q.dtype. Gate sums are float32 whatever the input dtype (float64 in the
-    reference and chunked forms for float64 inputs).
+    reference, recurrent and chunked forms for float64 inputs).
   """
   layout.check_inputs(q, k, v, log_alpha, chunk_size, implementation)
   implementation = resolve_implementation(implementation)
@@ -56,6 +62,8 @@ def gated_linear_attention(q, k, v, log_alpha, *, scale=None, chunk_size=64, rev
                      f"backend is {jax.default_backend()!r}: pass interpret=True, or use 'chunked'")
   if implementation == "reference":
     return gated_linear_attention_reference(q, k, v, log_alpha, scale=scale, reverse=reverse)
+  if implementation == "recurrent":
+    return gated_linear_attention_recurrent(q, k, v, log_alpha, scale=scale, reverse=reverse)
   if implementation == "chunked":
     return gated_linear_attention_chunked(q, k, v, log_alpha, scale=scale, chunk_size=chunk_size,
                                           reverse=reverse)

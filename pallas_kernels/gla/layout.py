@@ -8,7 +8,7 @@ after every real token, anti-causally the state they hand on is still zero.
 
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ("auto", "reference", "chunked", "pallas_tpu", "pallas_gpu")
+IMPLEMENTATIONS = ("auto", "reference", "recurrent", "chunked", "pallas_tpu", "pallas_gpu")
 # Largest sub-chunk whose decays are formed element by element (see chunked.py); 8 measured fastest on CPU.
 MAX_SUB_CHUNK = 8
 # log_alpha is clamped from below: exp of the clamp is 0 in float32 and float64 alike, and it keeps
