@@ -12,10 +12,11 @@
 A non-finite loss stops the run with `NonFiniteLossError`; metrics are checked before every checkpoint,
 so only states that passed the check are saved and the last good checkpoint is left as it was.
 """
+import contextlib
 import functools
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
@@ -40,8 +41,6 @@ from dyngen.train import state as state_lib
 from dyngen.train import step as step_lib
 
 SAMPLES_SUBDIR = "samples"
-# A hook is called after every step as hook(step) (clu periodic actions are such callables).
-Hook = Callable[[int], None]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -80,9 +79,11 @@ class Run:
     sharding.check_divisible(self.abstract_state, self.state_shardings)
     self.batch_sharding = sharding.batch_sharding(self.mesh, self.rules)
 
+  @contextlib.contextmanager
   def context(self):
     """Mesh and logical rules in scope, for tracing the model's activation constraints."""
-    return _ContextStack(jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules))
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      yield
 
   def abstract_state_with_shardings(self):
     return jax.tree.map(lambda array, sharding_: jax.ShapeDtypeStruct(array.shape, array.dtype, sharding=sharding_),
@@ -103,23 +104,6 @@ class Run:
   def sampler(self) -> sample_lib.Sampler:
     return sample_lib.Sampler(self.model, self.config.diffusion, self.config.sample, mesh=self.mesh,
                               rules=self.rules, param_shardings=self.state_shardings.ema_params)
-
-
-class _ContextStack:
-  """Enters several context managers in order and leaves them in reverse."""
-
-  def __init__(self, *managers):
-    self._managers = managers
-
-  def __enter__(self):
-    for manager in self._managers:
-      manager.__enter__()
-    return self
-
-  def __exit__(self, *exc_info):
-    for manager in reversed(self._managers):
-      manager.__exit__(*exc_info)
-    return False
 
 
 def check_finite(metrics_per_step: Sequence[dict], first_step: int, workdir, last_saved_step) -> None:
@@ -163,13 +147,15 @@ def write_sample_grid(run: Run, sampler: sample_lib.Sampler, params, step: int, 
   return str(path)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, hooks: Sequence[Hook] = ()):
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir):
   """Trains `config` in `workdir`, resuming from its newest checkpoint, and evaluates at the end.
+
+  On a preemption notice (Cloud TPU maintenance, SIGTERM to a multi-host job with the JAX preemption
+  service) it saves a checkpoint at the current step and returns; rerunning the command resumes.
 
   Args:
     config: a run config (see configs/common.py).
     workdir: where checkpoints, TensorBoard summaries, sample grids and evaluation results go.
-    hooks: extra callables hook(step) run after every step (e.g. a preemption check).
 
   Returns:
     The final TrainState.
@@ -186,7 +172,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, hooks: Seq
   train_iter = data_lib.create_input_pipeline(config.data, global_batch_size=config.batch_size, seed=config.seed)
   manager = checkpoint.create_manager(workdir / checkpoint.CHECKPOINT_SUBDIR, max_to_keep=config.keep_checkpoints)
   try:
-    return _train_loop(run, workdir, writer, train_iter, manager, hooks)
+    return _train_loop(run, workdir, writer, train_iter, manager)
   finally:
     # An async save of the last good step may still be running: let it finish before leaving.
     manager.wait_until_finished()
@@ -195,7 +181,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, hooks: Seq
     writer.close()
 
 
-def _train_loop(run: Run, workdir, writer, train_iter, manager, hooks):
+def _train_loop(run: Run, workdir, writer, train_iter, manager):
   config = run.config
   restored = checkpoint.restore_latest(manager, run.abstract_state_with_shardings(), data_iterator=train_iter)
   if restored is None:
@@ -213,7 +199,7 @@ def _train_loop(run: Run, workdir, writer, train_iter, manager, hooks):
   sampler = run.sampler()
   progress = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps, writer=writer,
                                              every_steps=config.log_every_steps, every_secs=None)
-  actions = [progress, *hooks]
+  actions = [progress]
   if config.profile.num_steps > 0 and jax.process_index() == 0:
     actions.append(periodic_actions.Profile(logdir=str(workdir), first_profile=config.profile.first_step,
                                             num_profile_steps=config.profile.num_steps, every_secs=None))
@@ -230,7 +216,8 @@ def _train_loop(run: Run, workdir, writer, train_iter, manager, hooks):
         action(step)
 
       is_last = step == config.num_train_steps
-      save_now = step % config.checkpoint_every_steps == 0 or is_last
+      preempted = manager.reached_preemption(step)  # The same answer on every host.
+      save_now = step % config.checkpoint_every_steps == 0 or is_last or preempted
       if step % config.log_every_steps == 0 or save_now:
         host_metrics = jax.device_get(pending_metrics)
         check_finite(host_metrics, pending_from, workdir, last_saved_step)
@@ -240,6 +227,9 @@ def _train_loop(run: Run, workdir, writer, train_iter, manager, hooks):
         with progress.timed("checkpoint"):
           checkpoint.save(manager, step, state, config=config, data_iterator=train_iter)
         last_saved_step = step
+      if preempted:
+        logging.warning("Preemption notice at step %d: checkpoint saved, stopping. Rerun to resume.", step)
+        break
       if config.sample_every_steps and (step % config.sample_every_steps == 0 or is_last):
         with progress.timed("sample"):
           path = write_sample_grid(run, sampler, state.ema_params, step, writer, workdir)
