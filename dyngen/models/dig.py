@@ -44,8 +44,8 @@ class GatedLinearAttention(nn.Module):
   def head_projection(self, x, head_dim, name):
     width = x.shape[-1]
     init = layers.xavier_uniform_fused(width, self.num_heads * head_dim, GLA_INIT_GAIN)
-    return nn.DenseGeneral((self.num_heads, head_dim), use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
-                           kernel_init=layers.partitioned(init, ("embed", "heads", "kv")), name=name)(x)
+    return layers.DenseGeneral((self.num_heads, head_dim), use_bias=False, dtype=self.dtype,
+                               kernel_init=layers.partitioned(init, ("embed", "heads", "kv")), name=name)(x)
 
   @nn.compact
   def __call__(self, x, reverse=False):
@@ -60,12 +60,13 @@ class GatedLinearAttention(nn.Module):
     low_rank = layers.dense(
         self.gate_low_rank_dim, ("embed", None), use_bias=False, dtype=self.dtype, name="gk_proj_0",
         kernel_init=layers.xavier_uniform_fused(width, self.gate_low_rank_dim, GLA_INIT_GAIN))(x)
-    gate_logits = nn.DenseGeneral(
+    gate_logits = layers.DenseGeneral(
         (self.num_heads, head_k), dtype=self.dtype, param_dtype=jnp.float32, name="gk_proj_1",
         kernel_init=layers.partitioned(
             layers.xavier_uniform_fused(self.gate_low_rank_dim, key_dim, GLA_INIT_GAIN), (None, "heads", "kv")),
         bias_init=layers.partitioned(layers.zeros, ("heads", "kv")))(low_rank)
-    log_alpha = jax.nn.log_sigmoid(gate_logits.astype(layers.at_least_float32(self.dtype))) / self.gate_logit_normalizer
+    gate_logits = gate_logits.astype(layers.at_least_float32(self.dtype))
+    log_alpha = jax.nn.log_sigmoid(gate_logits) / self.gate_logit_normalizer
 
     o = gla.gated_linear_attention(q, k, v, log_alpha, chunk_size=self.chunk_size, reverse=reverse,
                                    implementation=self.implementation)
@@ -76,8 +77,8 @@ class GatedLinearAttention(nn.Module):
     o = o * jax.lax.rsqrt(jnp.mean(o ** 2, axis=-1, keepdims=True) + 1e-6)
     weight = self.param("g_norm_swish_gate", layers.partitioned(nn.initializers.ones_init(), ("kv",)), (head_v,))
     o = (o * weight * nn.silu(g.astype(stats_dtype))).astype(self.dtype)
-    return nn.DenseGeneral(
-        width, axis=(-2, -1), use_bias=False, dtype=self.dtype, param_dtype=jnp.float32, name="o_proj",
+    return layers.DenseGeneral(
+        width, num_contract=2, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32, name="o_proj",
         kernel_init=layers.partitioned(layers.xavier_uniform_fused(value_dim, width, GLA_INIT_GAIN),
                                        ("heads", "kv", "embed")))(o)
 
@@ -90,7 +91,7 @@ class SwiGLU(nn.Module):
   @nn.compact
   def __call__(self, x):
     width = x.shape[-1]
-    gate_value = nn.DenseGeneral(
+    gate_value = layers.DenseGeneral(
         (2, self.hidden_features), use_bias=False, dtype=self.dtype, param_dtype=jnp.float32, name="gate_proj",
         kernel_init=layers.partitioned(layers.xavier_uniform_fused(width, 2 * self.hidden_features),
                                        ("embed", None, "mlp")))(x)

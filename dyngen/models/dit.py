@@ -17,7 +17,7 @@ class Attention(nn.Module):
   def __call__(self, x, head_mask=None):
     width = x.shape[-1]
     head_dim = width // self.num_heads
-    qkv = nn.DenseGeneral(
+    qkv = layers.DenseGeneral(
         (3, self.num_heads, head_dim), dtype=self.dtype, param_dtype=jnp.float32,
         kernel_init=layers.partitioned(layers.xavier_uniform_fused(width, 3 * width),
                                        ("embed", None, "heads", "kv")),
@@ -26,8 +26,8 @@ class Attention(nn.Module):
     out = attention.dot_product_attention(q, k, v, self.implementation, self.chunk_size)
     if head_mask is not None:  # (B, H): DyDiT's per-head width routing multiplies before the projection.
       out = out * head_mask[:, None, :, None].astype(out.dtype)
-    return nn.DenseGeneral(
-        width, axis=(-2, -1), dtype=self.dtype, param_dtype=jnp.float32,
+    return layers.DenseGeneral(
+        width, num_contract=2, dtype=self.dtype, param_dtype=jnp.float32,
         kernel_init=layers.partitioned(layers.xavier_uniform_fused(width, width), ("heads", "kv", "embed")),
         bias_init=layers.partitioned(layers.zeros, ("embed",)), name="proj")(out)
 

@@ -27,6 +27,61 @@ def partitioned(init, names):
   return nn.with_logical_partitioning(init, names)
 
 
+def rows_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kwargs):
+  """`lax.dot_general` for a linear layer, run as one 2-D matmul (rows of lhs) x (rows of rhs).
+
+  A drop-in `dot_general` for `nn.Dense` / `nn.DenseGeneral` (their parameters are unchanged): when lhs
+  contracts its trailing axes with the leading axes of rhs (no batch axes), both sides are reshaped to
+  matrices first. On (B, N, D) activations, or with a (D, 3, H, Dh) kernel, XLA:CPU otherwise copies the
+  largest activation gradients into a transposed layout before the weight-gradient matmul (a full extra
+  pass over them per layer); on matrices it runs the same products without those copies.
+  lhs: (*lead, *contracted), rhs: (*contracted, *features) -> (*lead, *features).
+  """
+  (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
+  lhs_contract, rhs_contract = tuple(lhs_contract), tuple(rhs_contract)
+  num = len(lhs_contract)
+  if (lhs_batch or rhs_batch or lhs_contract != tuple(range(lhs.ndim - num, lhs.ndim))
+      or rhs_contract != tuple(range(num))):
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                               preferred_element_type=preferred_element_type, **kwargs)
+  lead, features = lhs.shape[:lhs.ndim - num], rhs.shape[num:]
+  inner = math.prod(rhs.shape[:num])
+  out = jax.lax.dot_general(lhs.reshape(math.prod(lead), inner), rhs.reshape(inner, math.prod(features)),
+                            (((1,), (0,)), ((), ())), precision=precision,
+                            preferred_element_type=preferred_element_type, **kwargs)
+  return out.reshape(*lead, *features)
+
+
+class DenseGeneral(nn.Module):
+  """A linear layer over the trailing `num_contract` axes of x, producing `features` axes.
+
+  Computes what nn.DenseGeneral does for trailing contraction axes, but creates the kernel in its full shape
+  (*contracted, *features). flax's DenseGeneral initialises a flattened 2-D kernel and then reshapes it;
+  under `nn.logical_axis_rules` the flattened value gets constrained by the names of the full shape, which
+  fails whenever a kernel has more than two logical axes (the fused qkv (D, 3, H, Dh), the GLA heads).
+  x: (*lead, *contracted) -> (*lead, *features).
+  """
+  features: int | tuple[int, ...]
+  num_contract: int = 1
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  kernel_init: Any = xavier_uniform
+  bias_init: Any = zeros
+
+  @nn.compact
+  def __call__(self, x):
+    features = tuple(self.features) if isinstance(self.features, (tuple, list)) else (self.features,)
+    contracted = x.shape[x.ndim - self.num_contract:]
+    kernel = self.param("kernel", self.kernel_init, contracted + features, self.param_dtype)
+    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+    contract_x = tuple(range(x.ndim - self.num_contract, x.ndim))
+    out = rows_dot_general(x, kernel, ((contract_x, tuple(range(self.num_contract))), ((), ())))
+    if self.use_bias:
+      out = out + self.param("bias", self.bias_init, features, self.param_dtype).astype(self.dtype)
+    return out
+
+
 def dense(features, names, kernel_init=xavier_uniform, bias_init=zeros, use_bias=True, dtype=None, name=None):
   """A Dense layer with logical axis names `names` = (in_axis, out_axis) on its kernel."""
   return nn.Dense(
@@ -36,6 +91,7 @@ def dense(features, names, kernel_init=xavier_uniform, bias_init=zeros, use_bias
       param_dtype=jnp.float32,
       kernel_init=partitioned(kernel_init, names),
       bias_init=partitioned(bias_init, names[-1:]),
+      dot_general=rows_dot_general,
       name=name,
   )
 
