@@ -26,10 +26,12 @@ flags.DEFINE_list("tokens", ["256", "1024", "4096", "12544", "16384"], "Token co
 flags.DEFINE_string("variant", "S/2", "Model size/patch of both families.")
 flags.DEFINE_integer("repeats", 3, "Timed runs per configuration (after one warm-up run).")
 flags.DEFINE_integer("max_repeats_tokens", 4096, "Above this many tokens, time a single run.")
+flags.DEFINE_integer("max_timed_tokens", 1 << 30, "Above this many tokens, only compile (memory, no timing).")
 flags.DEFINE_bool("remat", True, "Rematerialise each block in both families (the same policy on both sides).")
 flags.DEFINE_integer("attention_chunk_size", 1024, "Query block of DiT's chunked attention.")
 flags.DEFINE_string("gla_implementation", "auto", "GLA implementation of DiG.")
 flags.DEFINE_integer("gla_chunk_size", 64, "GLA chunk size of DiG.")
+flags.DEFINE_bool("compile_only", False, "Only compile and read memory_analysis (no timed runs).")
 flags.DEFINE_string("output", "", "Also write the markdown table here.")
 
 CANDIDATES = (
@@ -71,6 +73,10 @@ def gradient_fn(model):
   return jax.grad(loss)
 
 
+def timed(tokens):
+  return not FLAGS.compile_only and tokens <= FLAGS.max_timed_tokens
+
+
 def run_benchmark():
   budget = measure.default_memory_budget()
   rows, results = [], {}
@@ -83,7 +89,8 @@ def run_benchmark():
       t = jnp.array([500], jnp.int32)
       y = jnp.array([1], jnp.int32)
       repeats = FLAGS.repeats if tokens <= FLAGS.max_repeats_tokens else 1
-      result = measure.measure(gradient_fn(model), params, x, t, y, repeats=repeats, memory_budget_bytes=budget)
+      result = measure.measure(gradient_fn(model), params, x, t, y, repeats=repeats,
+                               memory_budget_bytes=budget, run=timed(tokens))
       results[tokens, label] = result
       print(f"{tokens:6d} tokens  {label:24s} compile {result.compile_s:7.1f} s  "
             f"median {result.median_s:8.3f} s  temp {measure.gib(result.temp_bytes):7.2f} GiB"
@@ -93,10 +100,10 @@ def run_benchmark():
     chunked = results[tokens, CANDIDATES[1][0]]
     for label, _, _ in CANDIDATES:
       r = results[tokens, label]
-      time_cell = f"{r.median_s:.3f}" if r.fits else "does not fit"
+      time_cell = "not timed" if not timed(tokens) else f"{r.median_s:.3f}" if r.fits else "does not fit"
 
       def ratio(a, b, attr):
-        if attr == "median_s" and not (a.fits and b.fits):
+        if attr == "median_s" and (not timed(tokens) or not (a.fits and b.fits)):
           return "–"
         return f"{getattr(a, attr) / getattr(b, attr):.2f}"
 

@@ -49,8 +49,8 @@ def default_memory_budget():
   return None if available is None else int(0.8 * available)
 
 
-def measure(fn, *args, repeats=3, warmup=1, memory_budget_bytes=None, static_argnums=()):
-  """Compiles and times `fn(*args)`; see module docstring."""
+def measure(fn, *args, repeats=3, warmup=1, memory_budget_bytes=None, static_argnums=(), run=True):
+  """Compiles and times `fn(*args)` (only compiles with run=False); see module docstring."""
   start = time.perf_counter()
   compiled = jax.jit(fn, static_argnums=static_argnums).lower(*args).compile()
   compile_s = time.perf_counter() - start
@@ -69,6 +69,8 @@ def measure(fn, *args, repeats=3, warmup=1, memory_budget_bytes=None, static_arg
   )
   if memory_budget_bytes is not None and measurement.peak_bytes > memory_budget_bytes:
     measurement.fits = False
+    return measurement
+  if not run:
     return measurement
   dynamic_args = [a for i, a in enumerate(args) if i not in static_argnums]
   for i in range(warmup + repeats):
