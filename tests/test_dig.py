@@ -95,6 +95,12 @@ def test_depthwise_conv_is_identity_at_init_and_rotation_is_exact():
   np.testing.assert_array_equal(conv.apply(variables, x), x)
   # A rotated kernel on the reversed sequence is the conv of the official (un-reversed) order, reversed.
   params = jax.tree.map(lambda p: p + jax.random.normal(jax.random.key(3), p.shape), nn.unbox(variables))
+  # Against XLA's grouped convolution (what PyTorch's Conv2d(groups=D, padding=1) computes).
+  kernel, bias = params["params"]["kernel"], params["params"]["bias"]
+  grid = x.reshape(2, 4, 4, 8)
+  expected = jax.lax.conv_general_dilated(grid, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                          feature_group_count=8) + bias
+  np.testing.assert_allclose(conv.apply(params, x), expected.reshape(2, 16, 8), rtol=1e-5, atol=1e-5)
   official = conv.apply(params, x[:, ::-1])[:, ::-1]
   np.testing.assert_allclose(conv.apply(params, x, rotate=True), official, rtol=1e-5, atol=1e-5)
 

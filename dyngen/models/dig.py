@@ -122,10 +122,15 @@ class DepthwiseConv(nn.Module):
     bias = self.param("bias", layers.partitioned(layers.zeros, ("embed",)), (width,))
     if rotate:
       kernel = kernel[::-1, ::-1]
+    # The conv as size² shifted multiply-adds: the same function, but XLA:CPU's grouped-conv backward is
+    # ~40x slower than these elementwise ops (1.5 s vs 0.04 s per DiG-S/2 fwd+bwd at 256 tokens), and on
+    # accelerators they fuse into one pass over the grid.
     grid = x.reshape(batch, self.grid_size, self.grid_size, width)
-    out = jax.lax.conv_general_dilated(
-        grid, kernel.astype(self.dtype), window_strides=(1, 1), padding="SAME",
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=width)
+    pad = size // 2
+    padded = jnp.pad(grid, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    kernel = kernel.astype(self.dtype)
+    out = sum(padded[:, i:i + self.grid_size, j:j + self.grid_size, :] * kernel[i, j, 0]
+              for i in range(size) for j in range(size))
     return (out + bias.astype(self.dtype)).reshape(batch, tokens, width)
 
 
