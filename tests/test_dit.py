@@ -13,6 +13,7 @@ import pytest
 from dyngen import models
 from dyngen.models import attention
 from dyngen.models import flops
+from dyngen.models import layers
 
 
 def dit_config(variant="S/2", **overrides):
@@ -125,7 +126,8 @@ def test_initial_model_outputs_zero():
   assert float(jnp.abs(apply(model, variables["params"], *inputs(config))).max()) == 0.0
 
 
-def test_chunked_attention_matches_plain_forward_and_grad():
+@pytest.mark.parametrize("implementation", ["dense", "chunked"])
+def test_attention_implementations_match_xla_forward_and_grad(implementation):
   # Same function, different evaluation order: fp32 rounding only (~1e-6 relative).
   config = tiny_config(input_size=16)
   x, t, y = inputs(config)
@@ -135,12 +137,43 @@ def test_chunked_attention_matches_plain_forward_and_grad():
     model = models.build(tiny_config(input_size=16, attention=implementation, attention_chunk_size=24))
     return jnp.sum(model.apply({"params": params}, x, t, y) ** 2)
 
-  grad_fn = jax.jit(jax.value_and_grad(loss), static_argnums=1)
-  plain, plain_grad = grad_fn(params, "xla")
-  chunked, chunked_grad = grad_fn(params, "chunked")
-  np.testing.assert_allclose(chunked, plain, rtol=1e-5)
-  for a, b in zip(jax.tree.leaves(chunked_grad), jax.tree.leaves(plain_grad)):
+  value_and_grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+  plain, plain_grad = value_and_grad(params, "xla")
+  other, other_grad = value_and_grad(params, implementation)
+  np.testing.assert_allclose(other, plain, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(other_grad), jax.tree.leaves(plain_grad)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.abs(b).max()))
+
+
+def softmax_attention_float64(q, k, v):
+  """The textbook formula in float64 numpy (B, T, H, Dh) -> (B, T, H, Dh), with its gradient by jax autodiff
+  of the same formula in float64 (independent of the hand-written backward of `dense`)."""
+  scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+  return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v)
+
+
+@pytest.mark.parametrize("dtype,tolerance", [
+    (np.float64, 1e-12),  # the same function up to float64 rounding
+    (np.float32, 2e-5),   # fp32 rounding of sums over 37 keys and 8 channels (~1e-6 measured)
+])
+def test_dense_attention_value_and_grad_against_float64_formula(dtype, tolerance):
+  rng = np.random.default_rng(0)
+  # Scores up to ~±20: exp of un-shifted scores would lose precision, so this also checks the max shift.
+  q, k, v, cotangent = (3 * rng.standard_normal((2, 37, 3, 8)) for _ in range(4))
+
+  def loss(attention_fn, q, k, v):
+    return jnp.sum(attention_fn(q, k, v) * cotangent.astype(q.dtype))
+
+  with jax.enable_x64(True):
+    expected_value, expected_grads = jax.value_and_grad(
+        lambda *a: loss(softmax_attention_float64, *a), argnums=(0, 1, 2))(q, k, v)
+    dense = lambda q, k, v: attention.dot_product_attention(q, k, v, "dense")
+    value, grads = jax.jit(jax.value_and_grad(lambda *a: loss(dense, *a), argnums=(0, 1, 2)))(
+        *(a.astype(dtype) for a in (q, k, v)))
+  assert value.dtype == dtype and all(g.dtype == dtype for g in grads)
+  np.testing.assert_allclose(value, expected_value, rtol=tolerance)
+  for got, want in zip(grads, expected_grads):
+    np.testing.assert_allclose(got, want, rtol=tolerance, atol=tolerance * float(np.abs(want).max()))
 
 
 def test_chunked_attention_against_numpy_float64():
@@ -155,7 +188,8 @@ def test_chunked_attention_against_numpy_float64():
 
 
 def test_attention_auto_selection():
-  assert attention.resolve_implementation("auto", 256, jnp.float32, "cpu") == "xla"
+  assert attention.resolve_implementation("auto", 256, jnp.float32, "cpu") == "dense"
+  assert attention.resolve_implementation("auto", 256, jnp.float32, "gpu") == "xla"
   assert attention.resolve_implementation("auto", 4096, jnp.float32, "cpu") == "chunked"
   assert attention.resolve_implementation("auto", 1024, jnp.float32, "tpu") == "pallas_tpu"
   assert attention.resolve_implementation("auto", 256, jnp.bfloat16, "gpu") == "cudnn"
@@ -192,3 +226,34 @@ def test_label_dropout_uses_null_class():
   out = embedder.apply(ev, labels, train=True, rngs={"label_dropout": jax.random.key(3)})
   dropped = np.asarray(jnp.all(out == nn.unbox(table)[10], axis=-1)).mean()
   assert abs(dropped - 0.1) < 0.015
+
+
+def test_patch_embed_is_the_strided_convolution():
+  # The matmul form must keep nn.Conv's parameter names, shapes and initial values (converted checkpoints
+  # and fresh runs land on the same tree), and compute the stride-p convolution: fp32 rounding of 16-term sums.
+  x = jax.random.normal(jax.random.key(0), (2, 8, 12, 3))
+
+  class ConvPatchEmbed(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      init = nn.initializers.xavier_uniform(in_axis=(0, 1, 2), out_axis=3)
+      y = nn.Conv(16, (2, 2), strides=(2, 2), padding="VALID", name="proj",
+                  kernel_init=init, bias_init=nn.initializers.normal(1.0))(x)
+      return y.reshape(y.shape[0], -1, y.shape[-1])
+
+  embed = layers.PatchEmbed(2, 16)
+  params = nn.unbox(embed.init(jax.random.key(1), x)["params"])
+  conv_params = ConvPatchEmbed().init(jax.random.key(1), x)["params"]
+  assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, conv_params)
+  np.testing.assert_array_equal(params["proj"]["kernel"], conv_params["proj"]["kernel"])
+  params = conv_params  # non-zero bias, so the bias path is checked too
+
+  def loss(module, params, x):
+    return jnp.sum(jnp.sin(module.apply({"params": params}, x)))
+
+  value, grads = jax.value_and_grad(lambda p, x: loss(embed, p, x), argnums=(0, 1))(params, x)
+  expected_value, expected_grads = jax.value_and_grad(lambda p, x: loss(ConvPatchEmbed(), p, x),
+                                                      argnums=(0, 1))(params, x)
+  np.testing.assert_allclose(value, expected_value, rtol=1e-5)
+  for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(expected_grads)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

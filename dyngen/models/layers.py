@@ -190,7 +190,12 @@ def sincos_pos_embed_2d(embed_dim, grid_size):
 
 
 class PatchEmbed(nn.Module):
-  """(B, H, W, C) -> (B, (H/p)*(W/p), D) with a stride-p convolution; tokens in row-major order."""
+  """(B, H, W, C) -> (B, (H/p)*(W/p), D): a stride-p, p x p convolution; tokens in row-major order.
+
+  The parameters are the convolution's (proj/kernel (p, p, C, D), proj/bias (D,)), but it runs as what it
+  equals, one matmul of the (p, p, C)-flattened patches with the flattened kernel: XLA:CPU's convolution
+  backward is several times slower than the matmul's.
+  """
   patch_size: int
   hidden_size: int
   dtype: Dtype = jnp.float32
@@ -198,13 +203,30 @@ class PatchEmbed(nn.Module):
   @nn.compact
   def __call__(self, x):
     p = self.patch_size
+    grid_h, grid_w = x.shape[1] // p, x.shape[2] // p
     # Xavier over the flattened (D, C*p*p) view of the conv weight, as DiT initialises it.
     init = nn.initializers.xavier_uniform(in_axis=(0, 1, 2), out_axis=3)
-    x = nn.Conv(
-        self.hidden_size, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype, param_dtype=jnp.float32,
-        kernel_init=partitioned(init, ("patch", "patch", "patch", "embed")),
-        bias_init=partitioned(zeros, ("embed",)), name="proj")(x)
-    return einops.rearrange(x, "b h w d -> b (h w) d")
+    kernel, bias = PatchProjection(p, x.shape[-1], self.hidden_size, init, name="proj")()
+    patches = einops.rearrange(x, "b (h p) (w q) c -> (b h w) (p q c)", p=p, q=p)
+    tokens = jnp.dot(patches.astype(self.dtype), kernel.reshape(-1, self.hidden_size).astype(self.dtype))
+    tokens = tokens + bias.astype(self.dtype)
+    return tokens.reshape(x.shape[0], grid_h * grid_w, self.hidden_size)
+
+
+class PatchProjection(nn.Module):
+  """Holds the patch convolution's parameters under the names and shapes `nn.Conv` gives them."""
+  patch_size: int
+  in_channels: int
+  hidden_size: int
+  kernel_init: Any
+
+  @nn.compact
+  def __call__(self):
+    p = self.patch_size
+    kernel = self.param("kernel", partitioned(self.kernel_init, ("patch", "patch", "patch", "embed")),
+                        (p, p, self.in_channels, self.hidden_size), jnp.float32)
+    bias = self.param("bias", partitioned(zeros, ("embed",)), (self.hidden_size,), jnp.float32)
+    return kernel, bias
 
 
 def adaln_modulation(c, hidden_size, chunks, dtype, name="adaLN_modulation"):
