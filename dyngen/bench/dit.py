@@ -4,12 +4,17 @@ r"""DiT training-step and sampling speed, compile time reported apart from stead
 
 Measures, for DiT-S/2 on 32x32x4 latents (the DiT ImageNet-256 shape):
   train step   one jitted, donated update of the trainer (`dyngen.train.step.train_step`: diffusion loss
-               with learned sigma, AdamW, EMA) at each `--train_batch_sizes`;
+               with learned sigma, AdamW, EMA) at each `--train_batch_sizes`, each run fed the state the
+               previous one returned, as the trainer does (timing only the loss would let XLA drop the
+               backward pass and the update: they feed nothing the loss depends on);
   forward      one model call at the first batch size;
   sampling     a `--sample_steps`-step DDPM loop (one `lax.scan`, the model traced once) at
                `--sample_batch_size`, without and with classifier-free guidance (which doubles the batch).
 """
 import functools
+import os
+import resource
+import time
 
 from absl import app
 from absl import flags
@@ -51,6 +56,32 @@ def optimizer_config():
                                         warmup_steps=0, grad_clip_norm=0.0))
 
 
+def process_cpu_seconds():
+  usage = resource.getrusage(resource.RUSAGE_SELF)
+  return usage.ru_utime + usage.ru_stime
+
+
+def measure_train_steps(train_step, state, batch, repeats, warmup=1):
+  """Compiles `train_step` donating the state, then runs it warmup + repeats times, each on the state the
+  previous run returned. Returns (measure.Measurement, per-run process CPU seconds, final state)."""
+  start = time.perf_counter()
+  compiled = jax.jit(train_step, donate_argnums=0).lower(state, batch).compile()
+  compile_s = time.perf_counter() - start
+  memory = compiled.memory_analysis()
+  result = measure.Measurement(compile_s=compile_s, temp_bytes=int(memory.temp_size_in_bytes),
+                               argument_bytes=int(memory.argument_size_in_bytes),
+                               output_bytes=int(memory.output_size_in_bytes), flops=None, times_s=[], fits=True)
+  cpu_s = []
+  for i in range(warmup + repeats):
+    start_wall, start_cpu = time.perf_counter(), process_cpu_seconds()
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready((state, metrics))
+    if i >= warmup:
+      result.times_s.append(time.perf_counter() - start_wall)
+      cpu_s.append(process_cpu_seconds() - start_cpu)
+  return result, cpu_s, state
+
+
 def inputs(config, batch):
   x = jax.random.normal(jax.random.key(1), (batch, config.input_size, config.input_size, config.in_channels))
   return x, jax.random.randint(jax.random.key(2), (batch,), 0, config.num_classes)
@@ -68,17 +99,18 @@ def run_benchmark():
                                  learning_rate_fn=state_lib.learning_rate_schedule(optimizer_config()),
                                  ema_decay=0.9999)
   rows = []
+  load_before = os.getloadavg()
 
-  def add(name, batch, result, per_image_divisor):
-    rows.append([name, batch, f"{result.compile_s:.1f}", f"{result.median_s:.3f}",
-                 f"{result.median_s / per_image_divisor * 1e3:.1f}", f"{measure.gib(result.temp_bytes):.2f}"])
+  def add(name, batch, result, per_image_divisor, cpu_s=None):
+    cpu = "" if cpu_s is None else f"{sorted(cpu_s)[len(cpu_s) // 2]:.3f}"
+    rows.append([name, batch, f"{result.compile_s:.1f}", f"{result.median_s:.3f}", f"{min(result.times_s):.3f}",
+                 cpu, f"{result.median_s / per_image_divisor * 1e3:.1f}", f"{measure.gib(result.temp_bytes):.2f}"])
     print(rows[-1], flush=True)
 
   for batch in map(int, FLAGS.train_batch_sizes):
     x, y = inputs(config, batch)
-    result = measure.measure(lambda s, b: train_step(s, b)[1]["loss"], state, {"image": x, "label": y},
-                             repeats=FLAGS.repeats)
-    add("train step (fwd+bwd+AdamW+EMA)", batch, result, batch)
+    result, cpu_s, state = measure_train_steps(train_step, state, {"image": x, "label": y}, FLAGS.repeats)
+    add("train step (fwd+bwd+AdamW+EMA)", batch, result, batch, cpu_s)
 
   batch = int(FLAGS.train_batch_sizes[0])
   x, y = inputs(config, batch)
@@ -107,11 +139,15 @@ def run_benchmark():
       measure.measure(sample_guided, state.ema_params, x_T, y, repeats=repeats), FLAGS.sample_batch_size)
 
   device = jax.devices()[0]
-  header = ["what", "batch", "compile s", "median s", "ms / image", "compiled temp GiB"]
+  header = ["what", "batch", "compile s", "median s", "min s", "process CPU s", "ms / image", "compiled temp GiB"]
+  load = "/".join(f"{x:.1f}" for x in load_before), "/".join(f"{x:.1f}" for x in os.getloadavg())
   text = (f"{FLAGS.family.upper()}-{FLAGS.variant}, {FLAGS.input_size}x{FLAGS.input_size}x4 latents, "
           f"{FLAGS.dtype} compute, attention {FLAGS.attention}, on {device.platform} ({device.device_kind}, "
-          f"{jax.device_count()} device(s)), jax {jax.__version__}; median of {FLAGS.repeats} runs "
-          f"({repeats} for sampling) after one warm-up.\n\n" + measure.markdown_table(header, rows))
+          f"{jax.device_count()} device(s), {os.cpu_count()} CPU cores), jax {jax.__version__}; median and "
+          f"minimum of {FLAGS.repeats} runs ({repeats} for sampling) after one warm-up. Load average "
+          f"(1/5/15 min) {load[0]} at the start, {load[1]} at the end: on a shared host the wall times grow "
+          f"with the load, the process CPU seconds (train steps: both cores' work) much less.\n\n"
+          + measure.markdown_table(header, rows))
   measure.write_report(text, FLAGS.output)
 
 
