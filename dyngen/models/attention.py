@@ -7,13 +7,16 @@
   xla        `jax.nn.dot_product_attention` in its XLA form (materialises the (T, T) scores per head;
              softmax in float32, so float64 inputs go to `dense`).
   cudnn      the same call with cuDNN fused (flash) attention on NVIDIA GPUs (fp16/bf16 only).
-  chunked    query-chunked attention: a `lax.scan` over query blocks whose body is rematerialised, so
-             forward and backward keep one (chunk, T) score block per head alive. Runs on any backend;
-             what to pick for long sequences where no fused kernel exists (XLA on CPU).
+  chunked    query-chunked attention: a `lax.scan` over query blocks, forward and backward, with a
+             hand-written backward that recomputes each block's probabilities from the saved logsumexp,
+             so only one (chunk, T) score block per head is alive. Runs on any backend; what to pick for
+             long sequences where no fused kernel exists (XLA on CPU).
   pallas_tpu the Pallas flash-attention kernel shipped with JAX (TPU only).
   auto       pallas_tpu on TPU, cudnn on GPU for half precision; on CPU chunked from
              `AUTO_CHUNK_MIN_TOKENS` tokens, dense below; xla otherwise.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -82,26 +85,82 @@ def dense_attention(q, k, v):
   return out.swapaxes(1, 2)
 
 
-def _chunked_attention(q, k, v, chunk_size):
-  """q, k, v: (B, T, H, Dh) -> (B, T, H, Dh); softmax in at least fp32, one query block at a time."""
-  batch, length, heads, head_dim = q.shape
-  chunk = min(chunk_size, length)
-  num_chunks = -(-length // chunk)
-  pad = num_chunks * chunk - length
-  q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))) * (head_dim ** -0.5)
-  q_blocks = q.reshape(batch, num_chunks, chunk, heads, head_dim).swapaxes(0, 1)
+def _query_blocks(x, chunk):
+  """(B, H, T, Dh) -> (T/chunk, B, H, chunk, Dh): the scan axis first."""
+  batch, heads, length, head_dim = x.shape
+  return x.reshape(batch, heads, length // chunk, chunk, head_dim).transpose(2, 0, 1, 3, 4)
 
+
+def _from_query_blocks(x):
+  """(T/chunk, B, H, chunk, Dh) -> (B, H, T, Dh)."""
+  num_chunks, batch, heads, chunk, head_dim = x.shape
+  return x.transpose(1, 2, 0, 3, 4).reshape(batch, heads, num_chunks * chunk, head_dim)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _chunked_attention(q, k, v, chunk):
+  """q, k, v: (B, H, T, Dh) with T a multiple of `chunk` -> (B, H, T, Dh), one query block at a time."""
+  return _chunked_attention_forward(q, k, v, chunk)[0]
+
+
+def _chunked_attention_forward(q, k, v, chunk):
   stats_dtype = jnp.promote_types(q.dtype, jnp.float32)
+  q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
 
-  @jax.checkpoint
-  def one_block(q_block):
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q_block, k, preferred_element_type=stats_dtype)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs, v, preferred_element_type=stats_dtype).astype(q.dtype)
+  def one_block(carry, q_block):
+    scores = jnp.einsum("bhqd,bhkd->bhqk", q_block, k, preferred_element_type=stats_dtype)
+    row_max = jnp.max(scores, axis=-1, keepdims=True)
+    exps = jnp.exp(scores - row_max).astype(v.dtype)
+    row_sum = jnp.sum(exps, axis=-1, keepdims=True, dtype=stats_dtype)
+    out = jnp.einsum("bhqk,bhkd->bhqd", exps, v, preferred_element_type=stats_dtype) / row_sum
+    return carry, (out.astype(q.dtype), row_max + jnp.log(row_sum))
 
-  _, out = jax.lax.scan(lambda carry, qb: (carry, one_block(qb)), None, q_blocks)
-  out = out.swapaxes(0, 1).reshape(batch, num_chunks * chunk, heads, head_dim)
-  return out[:, :length]
+  _, (out, log_sum_exp) = jax.lax.scan(one_block, None, _query_blocks(q, chunk))
+  out = _from_query_blocks(out)
+  return out, (q, k, v, out, log_sum_exp)
+
+
+def _chunked_attention_backward(chunk, residuals, d_out):
+  """The dense backward per query block, its probabilities recomputed as exp(scores − logsumexp) (one
+  exp pass, no max or sum); dk and dv accumulate over blocks in the scan carry."""
+  q, k, v, out, log_sum_exp = residuals
+  stats_dtype = log_sum_exp.dtype
+  delta = jnp.sum(d_out.astype(stats_dtype) * out.astype(stats_dtype), axis=-1, keepdims=True)
+
+  def one_block(carry, block):
+    dk, dv = carry
+    q_block, d_out_block, log_sum_exp_block, delta_block = block
+    scores = jnp.einsum("bhqd,bhkd->bhqk", q_block, k, preferred_element_type=stats_dtype)
+    probs = jnp.exp(scores - log_sum_exp_block)
+    dv = dv + jnp.einsum("bhqk,bhqd->bhkd", probs.astype(v.dtype), d_out_block, preferred_element_type=stats_dtype)
+    dp = jnp.einsum("bhqd,bhkd->bhqk", d_out_block, v, preferred_element_type=stats_dtype)
+    ds = (probs * (dp - delta_block)).astype(q.dtype)
+    dk = dk + jnp.einsum("bhqk,bhqd->bhkd", ds, q_block, preferred_element_type=stats_dtype)
+    return (dk, dv), jnp.einsum("bhqk,bhkd->bhqd", ds, k, preferred_element_type=stats_dtype)
+
+  zeros = jnp.zeros(k.shape, stats_dtype)
+  blocks = (_query_blocks(q, chunk), _query_blocks(d_out.astype(v.dtype), chunk), log_sum_exp,
+            _query_blocks(delta, chunk))
+  (dk, dv), dq = jax.lax.scan(one_block, (zeros, zeros), blocks)
+  dq = _from_query_blocks(dq) * (q.shape[-1] ** -0.5)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+_chunked_attention.defvjp(_chunked_attention_forward, _chunked_attention_backward)
+
+
+def chunked_attention(q, k, v, chunk_size):
+  """Non-causal multi-head attention over query blocks of `chunk_size`: forward and backward keep one
+  (B, H, chunk, T) score block alive. q, k, v: (B, T, H, Dh) -> (B, T, H, Dh).
+
+  The queries are zero-padded to a multiple of the block; padded rows get a zero cotangent, so they add
+  nothing to dk and dv.
+  """
+  length = q.shape[1]
+  chunk = min(chunk_size, length)
+  q = jnp.pad(q, ((0, 0), (0, -length % chunk), (0, 0), (0, 0)))
+  out = _chunked_attention(*(a.swapaxes(1, 2) for a in (q, k, v)), chunk)
+  return out.swapaxes(1, 2)[:, :length]
 
 
 def _pallas_tpu_attention(q, k, v):
@@ -119,7 +178,7 @@ def dot_product_attention(q, k, v, implementation="auto", chunk_size=1024):
   if implementation == "dense":
     return dense_attention(q, k, v)
   if implementation == "chunked":
-    return _chunked_attention(q, k, v, chunk_size)
+    return chunked_attention(q, k, v, chunk_size)
   if implementation == "pallas_tpu":
     return _pallas_tpu_attention(q, k, v)
   return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
