@@ -2,14 +2,16 @@ r"""The embedded quickstart: a small DiT on the 8x8 digits, trained on a CPU in 
 
   python -m dyngen.main --config=configs/quickstart.py --workdir=/tmp/quickstart
 
-Trains class-conditionally on the 1,437 training digits of the embedded dataset (no download), writes
+Trains class-conditionally on the 1,497 training digits of the embedded dataset (no download), writes
 sample grids, then samples 1,000 digits (100 per class) with classifier-free guidance and scores them
-against the 360 held-out test digits: the accuracy of a digits classifier trained on the real training
+against the 300 held-out test digits: the accuracy of a digits classifier trained on the real training
 split (the classifier's own accuracy on the real test digits is reported beside it) and the Frechet
 distance in that classifier's feature space.
 
-The recipe departs from DiT's where a short run needs it: a higher learning rate with warm-up and
-clipping, and an EMA decay suited to a few thousand steps instead of 400K.
+The recipe departs from DiT's where a short run on tiny pixel images needs it: the cosine noise schedule
+of Improved DDPM, a higher learning rate (3e-3) with warm-up and gradient clipping, an EMA decay suited
+to 3,000 steps instead of 400K, and sampling as ADM does in pixel space (x_0 estimates clamped to
+[-1, 1]) with 100 DDPM steps and guidance scale 2.
 
 `:runlocal` shrinks it further to a one-minute smoke run.
 """
@@ -24,20 +26,25 @@ def get_config(arg=None):
   config = common.training_config()
   config.data = data_lib.default_config("digits")
   config.model = ml_collections.ConfigDict(dict(
-      name="dit", input_size=8, patch_size=2, in_channels=1, hidden_size=96, depth=4, num_heads=4,
+      name="dit", input_size=8, patch_size=2, in_channels=1, hidden_size=64, depth=4, num_heads=4,
       mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=10, learn_sigma=True, attention="auto",
       attention_chunk_size=1024, dtype="float32", remat=False))
+  # Improved DDPM's cosine schedule: the linear one destroys 8x8 images within the first few hundred
+  # steps, leaving little of the schedule where the label matters (class conditioning then comes slowly).
+  config.diffusion.noise_schedule = "squaredcos_cap_v2"
 
-  config.batch_size = 128
+  config.batch_size = 64
   config.num_train_steps = 3000
-  config.optimizer.learning_rate = 1e-3
+  config.optimizer.learning_rate = 3e-3
   config.optimizer.warmup_steps = 100
   config.optimizer.grad_clip_norm = 1.0
+  # The raw weights at lr 3e-3 are noisy (their samples are far worse); the EMA over the last ~1000 steps
+  # is what samples well.
   config.ema.decay = 0.999
 
   config.log_every_steps = 100
   config.checkpoint_every_steps = 1000
-  config.sample_every_steps = 1000
+  config.sample_every_steps = 1500
   config.profile.num_steps = 0
 
   config.sample.sampler = "ddpm"
@@ -45,6 +52,9 @@ def get_config(arg=None):
   config.sample.cfg_scale = 2.0
   config.sample.grid_cfg_scale = 2.0
   config.sample.guidance_channels = 0  # One channel: guide it (0 = all channels).
+  # Pixel space: clamp each x_0 estimate to the data range, as ADM does (DiT leaves it off for latents).
+  # Without it the samples saturate to black and white and the Frechet distance is ~5x larger.
+  config.sample.clip_denoised = True
   config.sample.num_samples = 1000
   config.sample.batch_size = 500
   config.sample.grid_size = 100

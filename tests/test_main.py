@@ -18,6 +18,8 @@ def run_main(*args, timeout=900):
 @pytest.mark.parametrize("override, message", [
     ("--config.optimizer.lr=1e-3", "lr"),
     ("--config.batch_size=many", "batch_size"),
+    # Parsed as a tuple, then checked against the devices before anything is built.
+    ("--config.mesh.shape=(2,1,1)", "needs 2 devices but 1 are available"),
 ])
 def test_bad_override_stops_before_running(tmp_path, override, message):
   result = run_main("--config=configs/quickstart.py", f"--workdir={tmp_path}", override)

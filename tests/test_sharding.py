@@ -57,10 +57,15 @@ def test_rules_from_json_and_batch_axes():
     sharding.rules_as_tuples([("batch",)])
 
 
-def train_a_few_steps(config, devices, batches):
+def train_a_few_steps(config, devices, batches, initial_state=None):
+  """Runs the jitted train step on `batches`; starts from `initial_state` (host arrays) laid out on this
+  mesh, or from a fresh `jit(init)` on it."""
   run = trainer.Run(config, devices=devices)
   train_step = run.compiled_train_step()
-  state = run.initial_state()
+  if initial_state is None:
+    state = run.initial_state()
+  else:
+    state = jax.device_put(initial_state, run.state_shardings)
   with run.context():
     for batch in batches:
       state, metrics = train_step(state, sharding.make_global_batch(batch, run.batch_sharding))
@@ -73,14 +78,18 @@ def test_eight_devices_training_and_sampling_match_one_device(tiny_config):
   iterator = data_lib.create_input_pipeline(config.data, global_batch_size=config.batch_size, seed=0)
   batches = [next(iterator) for _ in range(3)]
   config.mesh.shape = (1, 1, 1)
-  run_one, state_one, metrics_one = train_a_few_steps(config, jax.devices()[:1], batches)
+  run_one = trainer.Run(config, devices=jax.devices()[:1])
+  initial_state = jax.device_get(run_one.initial_state())
+  _, state_one, metrics_one = train_a_few_steps(config, jax.devices()[:1], batches, initial_state)
   labels = np.arange(8, dtype=np.int32)
   key = jax.random.PRNGKey(1)
   images_one = run_one.sampler().sample_batch(state_one.ema_params, labels, key, cfg_scale=2.0)
 
   for mesh_shape in ((2, 4, 1), (2, 2, 2)):
     config.mesh.shape = mesh_shape
-    run_all, state_all, metrics_all = train_a_few_steps(config, jax.devices(), batches)
+    # (2, 2, 2) also initialises on the mesh (jit with out_shardings); init is deterministic in the seed.
+    start = initial_state if mesh_shape == (2, 4, 1) else None
+    run_all, state_all, metrics_all = train_a_few_steps(config, jax.devices(), batches, start)
     # The layout is what the rules say: fc1's kernel (embed, mlp) over (fsdp, tensor), batch over data x fsdp.
     fc1 = state_all.params["blocks_0"]["mlp"]["fc1"]["kernel"]
     assert fc1.sharding.spec == PartitionSpec("fsdp", "tensor") and len(fc1.sharding.device_set) == FAKE_DEVICES

@@ -2,6 +2,11 @@
 
   sampler = Sampler(model, config.diffusion, config.sample, mesh=mesh, rules=rules)
   images = sampler.generate(ema_params, labels, cfg_scale=1.5, seed=0)   # uint8 (N, H, W, C)
+
+In a notebook, after `config, ema_params = dyngen.checkpoint.load_for_inference(path)`:
+
+  sampler = notebook_sampler(config)                 # all local devices, batch split over them
+  images = sampler.generate(ema_params, [1, 7, 7, 3], cfg_scale=4.0, seed=0)
   write_npz(path, images, labels)                                      # ADM evaluation suite format
   write_png(path, image_grid(images))
 
@@ -20,6 +25,7 @@ from jax.experimental import multihost_utils
 from PIL import Image
 
 from dyngen import diffusion as diffusion_lib
+from dyngen import models
 from dyngen import sharding
 
 
@@ -118,6 +124,19 @@ class Sampler:
       images = self.sample_batch(params, padded, jax.random.fold_in(base_key, index), cfg_scale)
       chunks.append(to_uint8(images[:len(chunk)]))
     return np.concatenate(chunks, axis=0)
+
+
+def notebook_sampler(config, devices=None) -> Sampler:
+  """A Sampler for a loaded checkpoint's `config` over `devices` (default: all local devices).
+
+  The weights are replicated and the sampling batch is split over the devices, whatever mesh the run was
+  trained with. `config.sample` (steps, sampler, guidance channels, batch size) can be changed first.
+  """
+  devices = list(jax.local_devices() if devices is None else devices)
+  mesh = jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return Sampler(models.build(config.model), config.diffusion, config.sample, mesh=mesh,
+                 rules=((sharding.BATCH_AXIS, "data"),), param_shardings=replicated)
 
 
 def image_grid(images: np.ndarray, columns: int | None = None, padding: int = 2) -> np.ndarray:
