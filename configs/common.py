@@ -134,7 +134,8 @@ def shrink_for_runlocal(config: ml_collections.ConfigDict, depth: int = 2) -> ml
   config.log_every_steps = 5
   config.checkpoint_every_steps = 10
   config.sample_every_steps = 20
-  config.sample.update(dict(num_steps=10, num_samples=32, batch_size=16, grid_size=16))
+  config.sample.update(dict(num_steps=10, num_samples=32, batch_size=16, grid_size=16,
+                            guidance_channels=0))  # One channel: guide all (DiT guides 3 of 4 latents).
   config.profile.num_steps = 0
   if config.evaluation.metric:
     config.evaluation.num_samples = 100

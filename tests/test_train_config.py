@@ -77,6 +77,8 @@ def _set(path, value):
     (_set("sample.num_steps", 2000), r"config\.sample\.num_steps=2000 exceeds the 1000 steps"),
     (_set("ema.decay", 1.5), r"config\.ema\.decay must be in \[0, 1\], got 1\.5"),
     (_set("batch_size", 0), r"config\.batch_size must be > 0, got 0"),
+    (_set("sample.guidance_channels", 3), r"config\.sample\.guidance_channels=3 but the model predicts 1 "
+     r"channel\(s\); use 0 \(guide all channels\) or at most 1"),
     (_set("evaluation.metric", "fid"), r"config\.evaluation\.metric must be one of \('', 'digits'\)"),
 ])
 def test_bad_fields_are_named(tiny_config, change, message):

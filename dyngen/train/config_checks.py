@@ -176,6 +176,9 @@ def check_values(config) -> None:
            f"config.latent.vae={config.latent.vae!r}: latent-space training is not available yet; set it to '' "
            "(pixel space).")
   model = models.build(config.model)  # Checks the model's own fields and shapes.
+  _require(config.sample.guidance_channels <= model.in_channels,
+           f"config.sample.guidance_channels={config.sample.guidance_channels} but the model predicts "
+           f"{model.in_channels} channel(s); use 0 (guide all channels) or at most {model.in_channels}.")
   _require(model.input_size == config.data.image_size,
            f"config.model.input_size={model.input_size} but config.data.image_size={config.data.image_size}; in "
            "pixel space they must be equal.")
