@@ -16,7 +16,6 @@ warning says which steps were skipped.
 """
 import json
 import os
-from collections.abc import Sequence
 
 import grain
 import jax

@@ -82,25 +82,13 @@ def rules_as_tuples(rules) -> tuple[tuple[str, str | tuple[str, ...] | None], ..
       raise ValueError(f"logical axis rule {rule!r} must be a pair (logical_name, mesh_axis or tuple of "
                        "mesh axes or None).")
     name, target = rule
+    if name in dict(normalised):
+      raise ValueError(f"logical axis {name!r} has more than one rule in config.sharding.logical_axis_rules; "
+                       "keep one (flax would silently use the first).")
     if isinstance(target, (list, tuple)):
       target = tuple(target)
     normalised.append((name, target))
   return tuple(normalised)
-
-
-def check_rules(rules, mesh: jax.sharding.Mesh) -> None:
-  """Raises ValueError when a rule names a mesh axis the mesh does not have, or a logical name twice."""
-  seen = set()
-  for name, target in rules_as_tuples(rules):
-    if name in seen:
-      raise ValueError(f"logical axis {name!r} has more than one rule in config.sharding.logical_axis_rules;"
-                       " keep one.")
-    seen.add(name)
-    targets = target if isinstance(target, tuple) else (target,)
-    for axis in targets:
-      if axis is not None and axis not in mesh.axis_names:
-        raise ValueError(f"config.sharding.logical_axis_rules maps {name!r} to mesh axis {axis!r}, but the "
-                         f"mesh axes are {mesh.axis_names}.")
 
 
 def mesh_axes_of(logical_name: str, rules) -> tuple[str, ...]:

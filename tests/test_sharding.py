@@ -55,6 +55,8 @@ def test_rules_from_json_and_batch_axes():
   assert sharding.mesh_axes_of("unlisted", rules) == ()
   with pytest.raises(ValueError, match=r"must be a pair"):
     sharding.rules_as_tuples([("batch",)])
+  with pytest.raises(ValueError, match=r"logical axis 'embed' has more than one rule"):
+    sharding.rules_as_tuples([("embed", "fsdp"), ("embed", None)])
 
 
 def train_a_few_steps(config, devices, batches, initial_state=None):

@@ -20,7 +20,6 @@ from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -187,7 +186,7 @@ def _train_loop(run: Run, workdir, writer, train_iter, manager):
   if restored is None:
     state, start_step = run.initial_state(), 0
     logging.info("Starting a new run in %s.", workdir)
-    writer.write_hparams({k: v for k, v in _flatten(checkpoint.config_to_json_dict(config)).items()})
+    writer.write_hparams(_flatten(checkpoint.config_to_json_dict(config)))
   else:
     state, start_step = restored
     logging.info("Resumed from step %d of %s.", start_step, manager.directory)
@@ -244,7 +243,7 @@ def _train_loop(run: Run, workdir, writer, train_iter, manager):
   return state
 
 
-def run_evaluation(run: Run, sampler, params, step: int, writer, workdir) -> dict[str, float]:
+def run_evaluation(run: Run, sampler: sample_lib.Sampler, params, step: int, writer, workdir) -> dict[str, float]:
   """Samples `evaluation.num_samples` images at `sample.cfg_scale` and scores them (`evaluation.metric`)."""
   config = run.config
   labels = sample_lib.balanced_labels(config.evaluation.num_samples, run.model.num_classes)
@@ -286,8 +285,7 @@ def sample(config: ml_collections.ConfigDict, workdir) -> str:
   """
   source = config.sample.checkpoint or str(workdir)
   saved_config, ema_params = checkpoint.load_for_inference(source)
-  saved_model = ml_collections.ConfigDict(checkpoint.config_to_json_dict(config.model))
-  if saved_model.to_dict() != saved_config.model.to_dict():
+  if checkpoint.config_to_json_dict(config.model) != checkpoint.config_to_json_dict(saved_config.model):
     logging.warning("The checkpoint's model config differs from --config's; using the checkpoint's: %s",
                     saved_config.model)
     config = ml_collections.ConfigDict(config.to_dict())
@@ -298,8 +296,7 @@ def sample(config: ml_collections.ConfigDict, workdir) -> str:
   sample_config = config.sample
   labels = sample_lib.balanced_labels(sample_config.num_samples, run.model.num_classes)
   start = time.perf_counter()
-  with run.context():
-    images = sampler.generate(ema_params, labels, cfg_scale=sample_config.cfg_scale, seed=sample_config.seed)
+  images = sampler.generate(ema_params, labels, cfg_scale=sample_config.cfg_scale, seed=sample_config.seed)
   seconds = time.perf_counter() - start
   name = (f"{config.model.name}_{sample_config.sampler}{sample_config.num_steps}_cfg{sample_config.cfg_scale}_"
           f"seed{sample_config.seed}_n{sample_config.num_samples}")
