@@ -2,13 +2,13 @@
 
   sampler = Sampler(model, config.diffusion, config.sample, mesh=mesh, rules=rules)
   images = sampler.generate(ema_params, labels, cfg_scale=1.5, seed=0)   # uint8 (N, H, W, C)
+  write_npz(path, images, labels)                                      # ADM evaluation suite format
+  write_png(path, image_grid(images))
 
 In a notebook, after `config, ema_params = dyngen.checkpoint.load_for_inference(path)`:
 
   sampler = notebook_sampler(config)                 # all local devices, batch split over them
   images = sampler.generate(ema_params, [1, 7, 7, 3], cfg_scale=4.0, seed=0)
-  write_npz(path, images, labels)                                      # ADM evaluation suite format
-  write_png(path, image_grid(images))
 
 The starting noise of chunk i is drawn from `fold_in(key(seed), i)` at the chunk's global shape, so
 the samples do not depend on the number of devices. As DiT's sample.py: the guided batch is
