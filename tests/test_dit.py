@@ -3,6 +3,8 @@
 Numerical parity with the official code is in test_dit_fixture.py; here the references are the DiT
 paper's tables, the official parameter counts and one implementation against another.
 """
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -248,3 +250,34 @@ def test_patch_embed_is_the_strided_convolution():
   np.testing.assert_allclose(value, expected_value, rtol=1e-5)
   for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(expected_grads)):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+ROWS_DOT_GENERAL_CASES = [
+    ((2, 5, 6), (6, 7), (((2,), (0,)), ((), ()))),              # Dense on (B, N, D): reshaped to matrices
+    ((2, 5, 6), (6, 3, 2, 4), (((2,), (0,)), ((), ()))),        # fused qkv kernel (D, 3, H, Dh)
+    ((2, 5, 3, 4), (3, 4, 6), (((2, 3), (0, 1)), ((), ()))),    # heads -> width projection
+    ((5, 6), (7, 6), (((1,), (1,)), ((), ()))),                 # not a linear-layer layout: lax.dot_general
+    ((2, 5, 6), (2, 6, 7), (((2,), (1,)), ((0,), (0,)))),       # batch axes: lax.dot_general
+]
+
+
+def test_rows_dot_general_is_dot_general():
+  # Same products in another order: fp32 rounding of <= 12-term sums, values and both gradients.
+  keys = jax.random.split(jax.random.key(0), 2 * len(ROWS_DOT_GENERAL_CASES))
+  operands = [(jax.random.normal(keys[2 * i], lhs_shape), jax.random.normal(keys[2 * i + 1], rhs_shape))
+              for i, (lhs_shape, rhs_shape, _) in enumerate(ROWS_DOT_GENERAL_CASES)]
+
+  @functools.partial(jax.jit, static_argnums=0)  # every case in one program: one compile per form
+  def values_and_grads(dot_general, operands):
+    results = []
+    for (lhs, rhs), (_, _, dimension_numbers) in zip(operands, ROWS_DOT_GENERAL_CASES):
+      loss = lambda a, b: jnp.sum(jnp.sin(dot_general(a, b, dimension_numbers)))
+      results.append(jax.value_and_grad(loss, argnums=(0, 1))(lhs, rhs))
+    return results
+
+  got, want = values_and_grads(layers.rows_dot_general, operands), values_and_grads(jax.lax.dot_general, operands)
+  for (lhs, rhs), (_, _, dimension_numbers) in zip(operands, ROWS_DOT_GENERAL_CASES):
+    assert layers.rows_dot_general(lhs, rhs, dimension_numbers).shape == jax.lax.dot_general(
+        lhs, rhs, dimension_numbers).shape
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
