@@ -40,6 +40,7 @@ DEFAULT_LOGICAL_AXIS_RULES = (
     ("freq", None),
     ("patch", None),
     ("out", None),
+    ("layers", None),  # The stacked block axis of `model.scan_blocks`.
 )
 
 

@@ -7,7 +7,8 @@ sum(model(x)^2) with respect to the parameters for
   DiT, plain XLA attention        (what `attention="xla"` gives; XLA on CPU has no fused attention),
   DiT, query-chunked attention    (what a user would pick instead for long sequences),
   DiG, the configured GLA implementation,
-all with the same remat policy, reads XLA's compiled memory (`memory_analysis`, no run needed) and times
+all with the same remat and block-scan policy (by default each block rematerialised, the blocks under one
+lax.scan: `model.scan_blocks`), reads XLA's compiled memory (`memory_analysis`, no run needed) and times
 the median of `--repeats` runs. A configuration whose compiled peak exceeds 80% of this host's available
 memory is reported as not fitting instead of being run.
 """
@@ -25,9 +26,10 @@ FLAGS = flags.FLAGS
 flags.DEFINE_list("tokens", ["256", "1024", "4096", "12544", "16384"], "Token counts (squares of even grids).")
 flags.DEFINE_string("variant", "S/2", "Model size/patch of both families.")
 flags.DEFINE_integer("repeats", 3, "Timed runs per configuration (after one warm-up run).")
-flags.DEFINE_integer("max_repeats_tokens", 4096, "Above this many tokens, time a single run.")
+flags.DEFINE_integer("max_repeats_tokens", 4096, "Above this many tokens, time a single run (no warm-up).")
 flags.DEFINE_integer("max_timed_tokens", 1 << 30, "Above this many tokens, only compile (memory, no timing).")
 flags.DEFINE_bool("remat", True, "Rematerialise each block in both families (the same policy on both sides).")
+flags.DEFINE_bool("scan_blocks", True, "Run the blocks under one lax.scan in both families (model.scan_blocks).")
 flags.DEFINE_integer("attention_chunk_size", 1024, "Query block of DiT's chunked attention.")
 flags.DEFINE_string("gla_implementation", "auto", "GLA implementation of DiG.")
 flags.DEFINE_integer("gla_chunk_size", 64, "GLA chunk size of DiG.")
@@ -47,7 +49,8 @@ def model_config(family, tokens, overrides):
     raise ValueError(f"--tokens must be perfect squares, got {tokens}")
   variant = models.variant(FLAGS.variant)
   fields = dict(name=family, input_size=grid * variant["patch_size"], in_channels=4, mlp_ratio=4.0,
-                class_dropout_prob=0.1, num_classes=1000, learn_sigma=True, remat=FLAGS.remat, **variant)
+                class_dropout_prob=0.1, num_classes=1000, learn_sigma=True, remat=FLAGS.remat,
+                scan_blocks=FLAGS.scan_blocks, **variant)
   if family == "dit":
     fields.update(attention_chunk_size=FLAGS.attention_chunk_size)
   else:
@@ -88,9 +91,10 @@ def run_benchmark():
       x = jax.random.normal(jax.random.key(1), (1, config.input_size, config.input_size, config.in_channels))
       t = jnp.array([500], jnp.int32)
       y = jnp.array([1], jnp.int32)
-      repeats = FLAGS.repeats if tokens <= FLAGS.max_repeats_tokens else 1
-      result = measure.measure(gradient_fn(model), params, x, t, y, repeats=repeats,
-                               memory_budget_bytes=budget, run=timed(tokens))
+      # Compilation is ahead of time, so above max_repeats_tokens one run without a warm-up suffices.
+      few = tokens > FLAGS.max_repeats_tokens
+      result = measure.measure(gradient_fn(model), params, x, t, y, repeats=1 if few else FLAGS.repeats,
+                               warmup=0 if few else 1, memory_budget_bytes=budget, run=timed(tokens))
       results[tokens, label] = result
       print(f"{tokens:6d} tokens  {label:24s} compile {result.compile_s:7.1f} s  "
             f"median {result.median_s:8.3f} s  temp {measure.gib(result.temp_bytes):7.2f} GiB"
@@ -114,7 +118,7 @@ def run_benchmark():
             "time / DiT chunked", "memory / DiT plain", "memory / DiT chunked"]
   device = jax.devices()[0]
   text = (f"DiG-{FLAGS.variant} vs DiT-{FLAGS.variant}, batch 1, forward+backward (grad of sum(out^2)), "
-          f"remat={FLAGS.remat}, DiT chunk {FLAGS.attention_chunk_size}, GLA {FLAGS.gla_implementation} "
+          f"remat={FLAGS.remat}, scan_blocks={FLAGS.scan_blocks}, DiT chunk {FLAGS.attention_chunk_size}, GLA {FLAGS.gla_implementation} "
           f"chunk {FLAGS.gla_chunk_size}, on {device.platform} ({device.device_kind}), jax {jax.__version__}.\n"
           "Peak = XLA compiled temp + argument + output bytes (memory_analysis).\n\n"
           + measure.markdown_table(header, rows))

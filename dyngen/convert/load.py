@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from dyngen import models
+from dyngen.models import layers
 from dyngen.convert import param_mapping
 from dyngen.convert import torch_checkpoint
 
@@ -73,16 +74,19 @@ def load_torch_params(path, model_config):
   """Reads an official PyTorch checkpoint (no torch, no code from the file runs) as Flax params.
 
   Returns the nested dict of float32 numpy arrays that `build(model_config).apply({'params': ...})` takes
-  (unboxed: no partitioning metadata). Raises torch_checkpoint.UnsafeCheckpointError for a pickle naming
+  (unboxed: no partitioning metadata), the blocks stacked when `model_config.scan_blocks` is set. Raises torch_checkpoint.UnsafeCheckpointError for a pickle naming
   anything but tensors and plain containers, CheckpointFormatError for files that are no state dict, and
   param_mapping.ParamMappingError when the weights do not fit the configured model.
   """
   model = models.build(model_config)
+  scanned = model.scan_blocks
+  model = model.clone(scan_blocks=False)  # The rules name the official per-block layout; stacked below.
   param_rules = family_rules(model_config.name)
   with torch_checkpoint.TorchCheckpoint(path) as checkpoint:
     state_dict, key = select_state_dict(checkpoint.tree, checkpoint.path)
     state_dict = checkpoint.materialize(state_dict)
   rules, buffers = param_rules(model)
   where = f"{path}" + (f"['{key}']" if key else "")
-  return param_mapping.apply_rules(state_dict, rules, buffers, expected_param_shapes(model),
-                                   f"{describe(model_config)}; checkpoint {where}")
+  params = param_mapping.apply_rules(state_dict, rules, buffers, expected_param_shapes(model),
+                                     f"{describe(model_config)}; checkpoint {where}")
+  return layers.stack_block_params(params, model.depth) if scanned else params

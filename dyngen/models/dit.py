@@ -71,8 +71,15 @@ class Model(layers.DiffusionBackbone):
   attention_chunk_size: int = 1024
 
   def blocks(self, x, c, train):
-    block_cls = nn.remat(DiTBlock) if self.remat else DiTBlock
+    # Inside a scan, remat needs no CSE barrier (the loop already keeps the recomputation apart).
+    block_cls = nn.remat(DiTBlock, prevent_cse=not self.scan_blocks) if self.remat else DiTBlock
+
+    def block(name):
+      return block_cls(self.num_heads, self.mlp_ratio, self.attention, self.attention_chunk_size,
+                       self.compute_dtype, name=name)
+
+    if self.scan_blocks:
+      return self.scan_over_blocks(lambda block, x, c: block(x, c), block("blocks"), x, c)
     for i in range(self.depth):
-      x = block_cls(self.num_heads, self.mlp_ratio, self.attention, self.attention_chunk_size,
-                    self.compute_dtype, name=f"blocks_{i}")(x, c)
+      x = block(f"blocks_{i}")(x, c)
     return x

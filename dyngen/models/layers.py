@@ -276,6 +276,7 @@ class DiffusionBackbone(nn.Module):
   learn_sigma: bool = True
   dtype: str = "float32"
   remat: bool = False
+  scan_blocks: bool = False
 
   @property
   def out_channels(self):
@@ -328,6 +329,22 @@ class DiffusionBackbone(nn.Module):
   def blocks(self, x, c, train):
     raise NotImplementedError
 
+  def scan_over_blocks(self, step, block, carry, c):
+    """The carry after `depth` applications of `step(block, carry, c) -> carry` under one lax.scan.
+
+    `block` is an unbound block module named "blocks"; its parameters get a leading axis of size depth
+    (logical name "layers"), blocks/... holding what blocks_0 ... blocks_{depth-1} hold unscanned (see
+    `stack_block_params`). One traced block instead of `depth`: compile time independent of depth, and
+    XLA:CPU keeps one block's buffers for the backward instead of a set per unrolled block.
+    """
+    def body(block, carry, c):
+      return step(block, carry, c), None
+
+    scanned = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=nn.broadcast,
+                      length=self.depth, metadata_params={nn.PARTITION_NAME: "layers"})
+    carry, _ = scanned(block, carry, c)
+    return carry
+
   @nn.compact
   def __call__(self, x, t, y, train=False, force_drop=None):
     """x: (B, H, W, C) NHWC; t: (B,) original timesteps; y: (B,) labels -> (B, H, W, C_out) float32
@@ -339,6 +356,35 @@ class DiffusionBackbone(nn.Module):
                      name="final_layer")(tokens, c)
     return unpatchify(out, self.patch_size, self.out_channels, self.grid_size).astype(
         at_least_float32(self.compute_dtype))
+
+
+def stack_block_params(params, depth):
+  """Unscanned params (blocks_0 ... blocks_{depth-1}) -> the layout of `scan_blocks=True`, same values.
+
+  blocks/... holds the blocks' parameters stacked on a new leading axis; other entries are kept.
+  """
+  missing = [f"blocks_{i}" for i in range(depth) if f"blocks_{i}" not in params]
+  extra = sorted(name for name in params if name.startswith("blocks_") and name not in
+                 {f"blocks_{i}" for i in range(depth)})
+  if missing or extra or "blocks" in params:
+    raise ValueError(f"expected unscanned params with blocks_0 ... blocks_{depth - 1}: missing {missing}, "
+                     f"unexpected {extra}" + (", and an already scanned 'blocks'" if "blocks" in params else ""))
+  rest = {name: value for name, value in params.items() if not name.startswith("blocks_")}
+  blocks = [params[f"blocks_{i}"] for i in range(depth)]
+
+  def stack(*layers):  # numpy stays numpy (converted checkpoints live on the host).
+    return np.stack(layers) if all(isinstance(x, np.ndarray) for x in layers) else jnp.stack(layers)
+
+  return {**rest, "blocks": jax.tree.map(stack, *blocks)}
+
+
+def unstack_block_params(params):
+  """The inverse of `stack_block_params`: scanned params -> blocks_0 ... blocks_{depth-1}."""
+  depth = jax.tree.leaves(params["blocks"])[0].shape[0]
+  unstacked = {name: value for name, value in params.items() if name != "blocks"}
+  for i in range(depth):
+    unstacked[f"blocks_{i}"] = jax.tree.map(lambda x: x[i], params["blocks"])
+  return unstacked
 
 
 def xavier_uniform_fused(fan_in, fan_out, gain=1.0):
