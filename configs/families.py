@@ -13,7 +13,10 @@ from dyngen import models
 BASE_MODEL_FIELDS = dict(
     input_size=32,  # 256x256 images as 32x32x4 SD-VAE latents.
     in_channels=4, mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=True,
-    dtype="float32", remat=False)
+    dtype="float32", remat=False,
+    # Blocks under one lax.scan, parameters stacked on a "layers" axis: compile time independent of depth
+    # and one block's activations alive in the backward (see DiffusionBackbone.scan_over_blocks).
+    scan_blocks=True)
 
 # Implementation choices per family; "auto" picks by backend (see dyngen/models/attention.py, pallas_kernels/gla).
 FAMILY_FIELDS = {

@@ -76,7 +76,9 @@ def train_a_few_steps(config, devices, batches, initial_state=None):
 
 @eight_devices
 def test_eight_devices_training_and_sampling_match_one_device(tiny_config):
-  config = tiny_config(batch_size=8, sample__batch_size=8, optimizer__learning_rate=1e-3)
+  # Two blocks under one scan: the stacked parameters' leading "layers" axis stays unsharded.
+  config = tiny_config(batch_size=8, sample__batch_size=8, optimizer__learning_rate=1e-3, model__depth=2,
+                       model__scan_blocks=True)
   iterator = data_lib.create_input_pipeline(config.data, global_batch_size=config.batch_size, seed=0)
   batches = [next(iterator) for _ in range(3)]
   config.mesh.shape = (1, 1, 1)
@@ -92,9 +94,12 @@ def test_eight_devices_training_and_sampling_match_one_device(tiny_config):
     # (2, 2, 2) also initialises on the mesh (jit with out_shardings); init is deterministic in the seed.
     start = initial_state if mesh_shape == (2, 4, 1) else None
     run_all, state_all, metrics_all = train_a_few_steps(config, jax.devices(), batches, start)
-    # The layout is what the rules say: fc1's kernel (embed, mlp) over (fsdp, tensor), batch over data x fsdp.
-    fc1 = state_all.params["blocks_0"]["mlp"]["fc1"]["kernel"]
-    assert fc1.sharding.spec == PartitionSpec("fsdp", "tensor") and len(fc1.sharding.device_set) == FAKE_DEVICES
+    # The layout is what the rules say: fc1's kernel (layers, embed, mlp) over (-, fsdp, tensor), batch over
+    # data x fsdp.
+    fc1 = state_all.params["blocks"]["mlp"]["fc1"]["kernel"]
+    assert fc1.shape == (2, 32, 64)
+    assert fc1.sharding.spec == PartitionSpec(None, "fsdp", "tensor")
+    assert len(fc1.sharding.device_set) == FAKE_DEVICES
     assert len({str(shard.index) for shard in fc1.addressable_shards}) == mesh_shape[1] * mesh_shape[2]
     assert run_all.batch_sharding.spec == PartitionSpec(("data", "fsdp"))
 

@@ -5,7 +5,8 @@ r"""Gated linear attention kernels: forward and forward+backward time and compil
 Shapes are those of one DiG-S GLA layer at batch 1: 6 heads, key dim 32, value dim 64, float32, for each
 `--lengths` token count. Every implementation that runs natively on this backend is measured with
 `dyngen.bench.measure` (compile time apart, median of `--repeats` runs, XLA's compiled temp memory);
-forward+backward is jit(grad) of sum(o) with respect to q, k, v and log_alpha. Pallas kernels for another
+forward+backward is jit(grad) of sum(o) with respect to q, k, v and log_alpha; "time / fastest" compares each
+implementation with the fastest one at the same length and pass. Pallas kernels for another
 backend only run in interpret mode, far too slowly to time, and are listed as such.
 """
 import functools
@@ -41,31 +42,43 @@ def inputs(length):
   return q, k, v, jax.nn.log_sigmoid(x) / 16
 
 
-def rows_for(implementation, length):
+def measurements_for(implementation, length):
+  """{"fwd": Measurement, "fwd+bwd": Measurement} of one implementation at one length."""
   attention = functools.partial(gla.gated_linear_attention, chunk_size=FLAGS.chunk_size,
                                 implementation=implementation)
   forward_backward = jax.grad(lambda *a: jnp.sum(attention(*a)), argnums=(0, 1, 2, 3))
-  rows = []
-  for name, fn in (("fwd", attention), ("fwd+bwd", forward_backward)):
-    m = measure.measure(fn, *inputs(length), repeats=FLAGS.repeats,
-                        memory_budget_bytes=measure.default_memory_budget())
-    time_s = f"{m.median_s:.4f}" if m.fits else "does not fit"
-    rows.append([implementation, length, name, f"{m.compile_s:.2f}", time_s,
-                 f"{m.temp_bytes / 2 ** 20:.1f}", f"{m.temp_bytes / length / 1024:.1f}"])
-  return rows
+  return {name: measure.measure(fn, *inputs(length), repeats=FLAGS.repeats,
+                                memory_budget_bytes=measure.default_memory_budget())
+          for name, fn in (("fwd", attention), ("fwd+bwd", forward_backward))}
 
 
 def main(argv):
   del argv
-  header = ["implementation", "tokens", "pass", "compile s", "median s", "temp MiB", "temp KiB/token"]
+  native = [name for name in FLAGS.implementations
+            if _NATIVE_BACKEND.get(name, jax.default_backend()) == jax.default_backend()]
+  results = {}
+  for length in map(int, FLAGS.lengths):
+    for implementation in native:
+      results[implementation, length] = measurements_for(implementation, length)
+      print(f"{implementation:10s} {length:6d} tokens: " + ", ".join(
+          f"{name} {m.median_s:.4f} s" for name, m in results[implementation, length].items()), flush=True)
+  # Ratios against the fastest implementation of the same length and pass.
+  header = ["implementation", "tokens", "pass", "compile s", "median s", "time / fastest", "temp MiB",
+            "temp KiB/token"]
   rows = []
   for implementation in FLAGS.implementations:
-    native = _NATIVE_BACKEND.get(implementation, jax.default_backend())
-    if native != jax.default_backend():
-      rows.append([implementation, "all", "fwd, fwd+bwd", f"interpret only (runs on {native})", "", "", ""])
+    if implementation not in native:
+      backend = _NATIVE_BACKEND[implementation]
+      rows.append([implementation, "all", "fwd, fwd+bwd", f"interpret only (runs on {backend})", "", "", "", ""])
       continue
     for length in map(int, FLAGS.lengths):
-      rows.extend(rows_for(implementation, length))
+      for name, m in results[implementation, length].items():
+        fastest = min(results[other, length][name].median_s for other in native
+                      if results[other, length][name].fits)
+        rows.append([implementation, length, name, f"{m.compile_s:.2f}",
+                     f"{m.median_s:.4f}" if m.fits else "does not fit",
+                     f"{m.median_s / fastest:.2f}" if m.fits else "–",
+                     f"{m.temp_bytes / 2 ** 20:.1f}", f"{m.temp_bytes / length / 1024:.1f}"])
   title = (f"GLA, B=1, H={FLAGS.heads}, Dk={FLAGS.key_dim}, Dv={FLAGS.value_dim}, float32, "
            f"chunk {FLAGS.chunk_size}, backend {jax.default_backend()} ({jax.devices()[0].device_kind})")
   measure.write_report(f"{title}\n\n{measure.markdown_table(header, rows)}", FLAGS.output)

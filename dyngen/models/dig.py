@@ -8,7 +8,8 @@ blocks, so the blocks scan in raster, reversed raster, column-major and reversed
 dyngen never materialises the reversals: it keeps the stream in a physical order and remembers whether the
 official (logical) order is its reverse. A reversed stream runs the GLA anti-causally (`reverse=True`) and
 the depthwise conv with its kernel rotated by 180°, which is the same function. Only the transposes (one
-per two blocks) move data. After a multiple of four blocks both flags are back to the identity.
+per two blocks) move data. After a multiple of four blocks both flags are back to the identity. Under
+`scan_blocks` a block's place in this schedule is traced: lax.cond picks the GLA direction and the transpose.
 """
 import flax.linen as nn
 import jax
