@@ -74,9 +74,10 @@ def load_torch_params(path, model_config):
   """Reads an official PyTorch checkpoint (no torch, no code from the file runs) as Flax params.
 
   Returns the nested dict of float32 numpy arrays that `build(model_config).apply({'params': ...})` takes
-  (unboxed: no partitioning metadata), the blocks stacked when `model_config.scan_blocks` is set. Raises torch_checkpoint.UnsafeCheckpointError for a pickle naming
-  anything but tensors and plain containers, CheckpointFormatError for files that are no state dict, and
-  param_mapping.ParamMappingError when the weights do not fit the configured model.
+  (unboxed: no partitioning metadata), the blocks stacked when `model_config.scan_blocks` is set. Raises
+  torch_checkpoint.UnsafeCheckpointError for a pickle naming anything but tensors and plain containers,
+  CheckpointFormatError for files that are no state dict, and param_mapping.ParamMappingError when the
+  weights do not fit the configured model.
   """
   model = models.build(model_config)
   scanned = model.scan_blocks
