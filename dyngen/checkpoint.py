@@ -16,6 +16,7 @@ warning says which steps were skipped.
 """
 import json
 import os
+import re
 
 import grain
 import jax
@@ -94,9 +95,24 @@ def _array_shapes(tree) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
   return {_path_name(path): (tuple(leaf.shape), np.dtype(leaf.dtype)) for path, leaf in flat}
 
 
+def _block_layout(names) -> bool | None:
+  """True for scanned blocks (a `blocks` path segment), False for unrolled ones (`blocks_<i>`), else None."""
+  segments = {segment for name in names for segment in name.split("/")}
+  if "blocks" in segments:
+    return True
+  return False if any(re.fullmatch(r"blocks_\d+", segment) for segment in segments) else None
+
+
 def _check_fits(saved_tree, abstract_tree, where: str) -> None:
   """Raises CheckpointMismatchError listing arrays whose saved shape/dtype differ from the expected ones."""
   saved, expected = _array_shapes(saved_tree), _array_shapes(abstract_tree)
+  saved_scanned, expected_scanned = _block_layout(saved), _block_layout(expected)
+  if None not in (saved_scanned, expected_scanned) and saved_scanned != expected_scanned:
+    raise CheckpointMismatchError(
+        f"the checkpoint at {where} holds {'scanned' if saved_scanned else 'unrolled'} blocks but the "
+        f"configured model {'scans' if expected_scanned else 'unrolls'} them: set model.scan_blocks="
+        f"{saved_scanned} as the run was started (dyngen.models.layers.stack_block_params / "
+        "unstack_block_params convert parameters between the two layouts).")
   missing = sorted(set(expected) - set(saved))
   different = [f"{name}: saved {saved[name][0]} {saved[name][1]}, expected {expected[name][0]} "
                f"{expected[name][1]}" for name in sorted(set(expected) & set(saved))

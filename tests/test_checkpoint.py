@@ -10,6 +10,7 @@ import pytest
 
 from dyngen import checkpoint
 from dyngen import data as data_lib
+from dyngen.models import layers
 from dyngen.train import state as state_lib
 
 
@@ -156,3 +157,22 @@ def test_missing_or_empty_paths_are_explained(tmp_path):
     checkpoint.load_for_inference(tmp_path)
   with checkpoint.create_manager(tmp_path / "empty") as manager:
     assert checkpoint.restore_latest(manager, abstract_of(make_state(1))) is None
+
+
+def test_scanned_and_unrolled_block_layouts_are_told_apart(tmp_path):
+  """A run started with model.scan_blocks=False resumed with True (or back) names the switch to flip."""
+  def state_with(params):
+    return make_state(1).replace(params=params, opt_state=(), ema_params=params)
+
+  unrolled = {f"blocks_{i}": {"kernel": jnp.full((3,), i, jnp.float32)} for i in range(2)}
+  with checkpoint.create_manager(tmp_path) as manager:
+    checkpoint.save(manager, 1, state_with(unrolled), config=run_config())
+    manager.wait_until_finished()
+  scanned = layers.stack_block_params(unrolled, 2)
+  with checkpoint.create_manager(tmp_path) as manager:
+    with pytest.raises(checkpoint.CheckpointMismatchError,
+                       match=r"holds unrolled blocks but the configured model scans them: set "
+                             r"model.scan_blocks=False"):
+      checkpoint.restore_latest(manager, abstract_of(state_with(scanned)))
+    restored, _ = checkpoint.restore_latest(manager, abstract_of(state_with(unrolled)))
+  assert_trees_identical(layers.stack_block_params(restored.params, 2), scanned)
