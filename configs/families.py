@@ -14,9 +14,10 @@ BASE_MODEL_FIELDS = dict(
     input_size=32,  # 256x256 images as 32x32x4 SD-VAE latents.
     in_channels=4, mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=True,
     dtype="float32", remat=False,
-    # Blocks under one lax.scan, parameters stacked on a "layers" axis: compile time independent of depth
-    # and one block's activations alive in the backward (see DiffusionBackbone.scan_over_blocks).
-    scan_blocks=True)
+    # At 256 tokens unrolled without remat is the fastest step; for long sequences (high resolution) set
+    # remat=True, scan_blocks=True, which keeps one block's activations alive in the backward (DiG-S/2 at
+    # 12544 tokens: 1.30 GiB against 10.5 unrolled). docs/benchmarks/scan_blocks_cpu.md, dig_vs_dit_cpu.md.
+    scan_blocks=False)
 
 # Implementation choices per family; "auto" picks by backend (see dyngen/models/attention.py, pallas_kernels/gla).
 FAMILY_FIELDS = {
