@@ -30,13 +30,6 @@ def inputs(dtype):
   return x, jnp.array([3, 700]), jnp.array([1, 9])
 
 
-def random_params(model, x, t, y):
-  """Random parameters of the model's shapes (numpy draws: XLA:CPU takes seconds to compile an init)."""
-  shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), x, t, y)["params"])
-  rng = np.random.default_rng(0)
-  return jax.tree.map(lambda s: jnp.asarray(0.1 * rng.standard_normal(s.shape), s.dtype), shapes)
-
-
 @pytest.mark.parametrize("family,remat", [("dit", True), ("dig", True), ("dig", False)])
 def test_scanned_blocks_match_unrolled_blocks_float64(family, remat):
   with jax.enable_x64(True):
@@ -44,7 +37,7 @@ def test_scanned_blocks_match_unrolled_blocks_float64(family, remat):
     unrolled = models.build(config)
     scanned = models.build(ml_collections.ConfigDict(dict(config, scan_blocks=True)))
     x, t, y = inputs(jnp.float64)
-    params = random_params(unrolled, x, t, y)
+    params = measure.random_params(unrolled, x, t, y, scale=0.1)
 
     def output_and_grads(model, p):
       def loss(p):
@@ -117,9 +110,8 @@ def s2_gradient_peak_bytes(family, tokens, **fields):
   model = models.build(config)
   x = jax.ShapeDtypeStruct((1, 2 * grid, 2 * grid, 4), jnp.float32)
   label = jax.ShapeDtypeStruct((1,), jnp.int32)
-  params = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), jnp.zeros(x.shape), jnp.zeros(1, int),
-                                                      jnp.zeros(1, int))["params"]))
-  grad = jax.grad(lambda p, x, t, y: jnp.sum(model.apply({"params": p}, x, t, y) ** 2))
+  params = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), x, label, label)["params"])
+  grad = measure.squared_output_gradient(model)
   memory = jax.jit(grad).lower(params, x, label, label).compile().memory_analysis()
   return memory.temp_size_in_bytes + memory.argument_size_in_bytes + memory.output_size_in_bytes
 

@@ -14,7 +14,6 @@ memory is reported as not fitting instead of being run.
 """
 from absl import app
 from absl import flags
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -59,23 +58,6 @@ def model_config(family, tokens, overrides):
   return ml_collections.ConfigDict(fields)
 
 
-def init_params(config):
-  """Parameters do not depend on the token count (positions are a fixed table): init at a small size."""
-  small = ml_collections.ConfigDict(dict(config, input_size=4 * config.patch_size))
-  model = models.build(small)
-  x = jnp.zeros((1, small.input_size, small.input_size, small.in_channels))
-  label = jnp.zeros((1,), jnp.int32)
-  variables = jax.jit(model.init)({"params": jax.random.key(0)}, x, label, label)
-  # Shift every parameter off its (partly zero) init so no branch is skipped as trivially zero.
-  return jax.tree.map(lambda p: p + 0.02, nn.unbox(variables["params"]))
-
-
-def gradient_fn(model):
-  def loss(params, x, t, y):
-    return jnp.sum(model.apply({"params": params}, x, t, y) ** 2)
-  return jax.grad(loss)
-
-
 def timed(tokens):
   return not FLAGS.compile_only and tokens <= FLAGS.max_timed_tokens
 
@@ -86,14 +68,14 @@ def run_benchmark():
   for tokens in map(int, FLAGS.tokens):
     for label, family, overrides in CANDIDATES:
       config = model_config(family, tokens, overrides)
-      params = init_params(config)
       model = models.build(config)
       x = jax.random.normal(jax.random.key(1), (1, config.input_size, config.input_size, config.in_channels))
       t = jnp.array([500], jnp.int32)
       y = jnp.array([1], jnp.int32)
+      params = measure.random_params(model, x, t, y)
       # Compilation is ahead of time, so above max_repeats_tokens one run without a warm-up suffices.
       few = tokens > FLAGS.max_repeats_tokens
-      result = measure.measure(gradient_fn(model), params, x, t, y, repeats=1 if few else FLAGS.repeats,
+      result = measure.measure(measure.squared_output_gradient(model), params, x, t, y, repeats=1 if few else FLAGS.repeats,
                                warmup=0 if few else 1, memory_budget_bytes=budget, run=timed(tokens))
       results[tokens, label] = result
       print(f"{tokens:6d} tokens  {label:24s} compile {result.compile_s:7.1f} s  "
@@ -118,8 +100,8 @@ def run_benchmark():
             "time / DiT chunked", "memory / DiT plain", "memory / DiT chunked"]
   device = jax.devices()[0]
   text = (f"DiG-{FLAGS.variant} vs DiT-{FLAGS.variant}, batch 1, forward+backward (grad of sum(out^2)), "
-          f"remat={FLAGS.remat}, scan_blocks={FLAGS.scan_blocks}, DiT chunk {FLAGS.attention_chunk_size}, GLA {FLAGS.gla_implementation} "
-          f"chunk {FLAGS.gla_chunk_size}, on {device.platform} ({device.device_kind}), jax {jax.__version__}.\n"
+          f"remat={FLAGS.remat}, scan_blocks={FLAGS.scan_blocks}, DiT chunk {FLAGS.attention_chunk_size}, "
+          f"GLA {FLAGS.gla_implementation} chunk {FLAGS.gla_chunk_size}, on {device.platform} ({device.device_kind}), jax {jax.__version__}.\n"
           "Peak = XLA compiled temp + argument + output bytes (memory_analysis).\n\n"
           + measure.markdown_table(header, rows))
   measure.write_report(text, FLAGS.output)

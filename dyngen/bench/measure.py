@@ -10,6 +10,9 @@ import statistics
 import time
 
 import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
 
 
 @dataclasses.dataclass
@@ -79,6 +82,22 @@ def measure(fn, *args, repeats=3, warmup=1, memory_budget_bytes=None, static_arg
     if i >= warmup:
       measurement.times_s.append(time.perf_counter() - start)
   return measurement
+
+
+def random_params(model, *example_args, scale=0.02, seed=0):
+  """Parameters of `model`'s shapes for `model.init(key, *example_args)`, drawn N(0, scale²) on the host.
+
+  No init to compile (XLA:CPU takes seconds for a model's), and no zero-initialised branch (adaLN gates)
+  that would make part of the model trivially zero.
+  """
+  shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), *example_args)["params"])
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda s: jnp.asarray(scale * rng.standard_normal(s.shape), s.dtype), shapes)
+
+
+def squared_output_gradient(model):
+  """(params, x, t, y) -> d/dparams sum(model(x, t, y)²): a forward+backward of the whole model."""
+  return jax.grad(lambda params, x, t, y: jnp.sum(model.apply({"params": params}, x, t, y) ** 2))
 
 
 def gib(num_bytes):

@@ -10,11 +10,9 @@ at 256-token training resolution, and at long sequences.
 """
 from absl import app
 from absl import flags
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from dyngen import models
 from dyngen.bench import measure
@@ -43,12 +41,7 @@ def gradient_and_args(family, tokens, remat, scan_blocks):
   x = jax.random.normal(jax.random.key(0), (batch, side, side, 4))
   t = jnp.arange(batch, dtype=jnp.int32) * (1000 // batch)
   y = jnp.arange(batch, dtype=jnp.int32)
-  # Random parameters of the right shapes (an init would leave the adaLN gates at zero).
-  shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), x, t, y)["params"])
-  rng = np.random.default_rng(0)
-  params = jax.tree.map(lambda s: jnp.asarray(0.02 * rng.standard_normal(s.shape), s.dtype), shapes)
-  grad = jax.grad(lambda p, x, t, y: jnp.sum(model.apply({"params": p}, x, t, y) ** 2))
-  return grad, (params, x, t, y)
+  return measure.squared_output_gradient(model), (measure.random_params(model, x, t, y), x, t, y)
 
 
 def main(argv):

@@ -363,14 +363,14 @@ def stack_block_params(params, depth):
 
   blocks/... holds the blocks' parameters stacked on a new leading axis; other entries are kept.
   """
-  missing = [f"blocks_{i}" for i in range(depth) if f"blocks_{i}" not in params]
-  extra = sorted(name for name in params if name.startswith("blocks_") and name not in
-                 {f"blocks_{i}" for i in range(depth)})
+  names = [f"blocks_{i}" for i in range(depth)]
+  missing = [name for name in names if name not in params]
+  extra = sorted(name for name in params if name.startswith("blocks_") and name not in names)
   if missing or extra or "blocks" in params:
     raise ValueError(f"expected unscanned params with blocks_0 ... blocks_{depth - 1}: missing {missing}, "
                      f"unexpected {extra}" + (", and an already scanned 'blocks'" if "blocks" in params else ""))
   rest = {name: value for name, value in params.items() if not name.startswith("blocks_")}
-  blocks = [params[f"blocks_{i}"] for i in range(depth)]
+  blocks = [params[name] for name in names]
 
   def stack(*layers):  # numpy stays numpy (converted checkpoints live on the host).
     return np.stack(layers) if all(isinstance(x, np.ndarray) for x in layers) else jnp.stack(layers)
