@@ -24,6 +24,7 @@ INSTALL_REQUIRES = [
     "pillow>=13.0,<14",
     # The embedded quickstart dataset (8x8 digits) ships inside scikit-learn.
     "scikit-learn>=1.9.1,<1.10",
+    "safetensors>=0.8,<0.9",  # SD-VAE weights in the diffusers layout (numpy API, no torch).
 ]
 
 setuptools.setup(
