@@ -25,6 +25,7 @@ INSTALL_REQUIRES = [
     # The embedded quickstart dataset (8x8 digits) ships inside scikit-learn.
     "scikit-learn>=1.9.1,<1.10",
     "safetensors>=0.8,<0.9",  # SD-VAE weights in the diffusers layout (numpy API, no torch).
+    "diffrax>=0.7.2,<0.8",  # dopri5 of the flow-matching ODE sampler.
 ]
 
 setuptools.setup(
