@@ -140,7 +140,8 @@ class DepthwiseConv(nn.Module):
 
 
 class DiGBlock(nn.Module):
-  """x: (B, N, D) in physical order; c: (B, D); `reverse`: the logical order is the reverse of x's."""
+  """x: (B, N, D) in physical order; cond: layers.Conditioning; `reverse`: the logical order is the reverse
+  of x's. Returns (x, {})."""
   num_heads: int
   grid_size: int
   mlp_ratio: float = 4.0
@@ -149,10 +150,10 @@ class DiGBlock(nn.Module):
   dtype: layers.Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, c, reverse=False):
+  def __call__(self, x, cond, reverse=False):
     width = x.shape[-1]
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = layers.adaln_modulation(
-        c, width, 6, self.dtype)
+        cond.c, width, 6, self.dtype)
     h = layers.modulate(layers.layer_norm(self.dtype)(x), shift_msa, scale_msa).astype(self.dtype)
     x = x + gate_msa[:, None] * GatedLinearAttention(
         self.num_heads, implementation=self.gla_implementation, chunk_size=self.gla_chunk_size,
@@ -160,7 +161,7 @@ class DiGBlock(nn.Module):
     h = layers.modulate(layers.layer_norm(self.dtype)(x), shift_mlp, scale_mlp).astype(self.dtype)
     x = x + gate_mlp[:, None] * SwiGLU(swiglu_hidden_size(width, self.mlp_ratio), self.dtype, name="mlp")(h)
     x = DepthwiseConv(self.grid_size, dtype=self.dtype, name="dw_conv")(x, rotate=reverse)
-    return nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+    return nn.with_logical_constraint(x, ("batch", "length", "act_embed")), {}
 
 
 def transpose_grid(x, grid_size):
@@ -169,18 +170,18 @@ def transpose_grid(x, grid_size):
   return x.reshape(batch, grid_size, grid_size, width).swapaxes(1, 2).reshape(batch, tokens, width)
 
 
-def scheduled_block(block, x, c, index, grid_size):
+def scheduled_block(block, x, cond, index, grid_size):
   """Block `index` of the direction schedule: reversed after every block, transposed after odd ones.
 
   The official code flips the sequence after every block, so odd blocks see it reversed (we run them
   anti-causally instead); it transposes the grid after odd blocks (a reversal commutes with that).
-  `index` is a Python int, or a traced one inside a scan over blocks.
+  `index` is a Python int, or a traced one inside a scan over blocks. Returns (x, aux).
   """
   odd = index % 2 == 1
-  x = block(x, c, odd)
+  x, aux = block(x, cond, odd)
   if isinstance(odd, bool):
-    return transpose_grid(x, grid_size) if odd else x
-  return jax.lax.cond(odd, lambda x: transpose_grid(x, grid_size), lambda x: x, x)
+    return (transpose_grid(x, grid_size) if odd else x), aux
+  return jax.lax.cond(odd, lambda x: transpose_grid(x, grid_size), lambda x: x, x), aux
 
 
 class Model(layers.DiffusionBackbone):
@@ -203,25 +204,20 @@ class Model(layers.DiffusionBackbone):
       raise ValueError(f"model.gla_implementation must be one of {gla.IMPLEMENTATIONS}, "
                        f"got {self.gla_implementation!r}")
 
-  def blocks(self, x, c, train):
-    # Scanned: one block per step with its place in the direction schedule traced (with a static turn of
-    # four blocks per step, XLA:CPU recomputes all four before any backward: 3.5 vs 1.1 GiB at 12544
-    # tokens), and remat needs no CSE barrier (the loop keeps the recomputation apart). Unrolled: the
-    # direction is a Python bool, static for remat.
-    remat_options = dict(prevent_cse=False) if self.scan_blocks else dict(static_argnums=(3,))
-    block_cls = nn.remat(DiGBlock, **remat_options) if self.remat else DiGBlock
+  # Unrolled, the direction flag (block argument 3 under remat, counting self) is a Python bool. Scanned,
+  # a block's place in the schedule is traced (lax.cond picks the GLA direction and the transpose); a
+  # static turn of four blocks per scan step makes XLA:CPU recompute all four before any backward
+  # (3.5 vs 1.1 GiB at 12544 tokens).
+  block_static_argnums = (3,)
 
-    def block(name):
-      return block_cls(self.num_heads, self.grid_size, self.mlp_ratio, self.gla_implementation,
-                       self.gla_chunk_size, self.compute_dtype, name=name)
+  def block_class(self):
+    return DiGBlock
 
-    if self.scan_blocks:
-      def step(block, carry, c):
-        x, index = carry
-        return scheduled_block(block, x, c, index, self.grid_size), index + 1
+  def block_fields(self, train):
+    del train
+    return dict(num_heads=self.num_heads, grid_size=self.grid_size, mlp_ratio=self.mlp_ratio,
+                gla_implementation=self.gla_implementation, gla_chunk_size=self.gla_chunk_size,
+                dtype=self.compute_dtype)
 
-      x, _ = self.scan_over_blocks(step, block("blocks"), (x, jnp.zeros((), jnp.int32)), c)
-      return x
-    for i in range(self.depth):
-      x = scheduled_block(block(f"blocks_{i}"), x, c, i, self.grid_size)
-    return x
+  def block_step(self, block, x, cond, index):
+    return scheduled_block(block, x, cond, index, self.grid_size)

@@ -33,36 +33,54 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-  """fc1 -> GELU(tanh) -> fc2. x: (B, N, D) -> (B, N, D)."""
+  """fc1 -> GELU(tanh) -> fc2. x: (B, N, D) -> (B, N, D).
+
+  `group_mask` (B, G) multiplies G contiguous groups of the hidden channels before the GELU (DyDiT's
+  channel-group routing).
+  """
   hidden_features: int
   dtype: layers.Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, group_mask=None):
     h = layers.dense(self.hidden_features, ("embed", "mlp"), dtype=self.dtype, name="fc1")(x)
+    if group_mask is not None:
+      groups = group_mask.shape[-1]
+      h = (h.reshape(*h.shape[:-1], groups, -1) * group_mask[:, None, :, None].astype(h.dtype)).reshape(h.shape)
     h = nn.with_logical_constraint(nn.gelu(h, approximate=True), ("batch", "length", "act_mlp"))
     return layers.dense(x.shape[-1], ("mlp", "embed"), dtype=self.dtype, name="fc2")(h)
 
 
 class DiTBlock(nn.Module):
-  """adaLN-Zero block: x += g1 * attn(mod(LN(x))); x += g2 * mlp(mod(LN(x))). x: (B, N, D), c: (B, D)."""
+  """adaLN-Zero block: x += g1 * attn(mod(LN(x))); x += g2 * mlp(mod(LN(x))). x: (B, N, D) -> (x, {}).
+
+  The two residual updates are methods so that DyDiT's block adds its routing around the same body.
+  """
   num_heads: int
   mlp_ratio: float = 4.0
   attention: str = "auto"
   attention_chunk_size: int = 1024
   dtype: layers.Dtype = jnp.float32
 
+  def modulation(self, cond):
+    """(shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp), each (B, D)."""
+    return layers.adaln_modulation(cond.c, cond.c.shape[-1], 6, self.dtype)
+
+  def attention_update(self, x, shift, scale, gate, head_mask=None):
+    h = layers.modulate(layers.layer_norm(self.dtype)(x), shift, scale).astype(self.dtype)
+    return gate[:, None] * Attention(self.num_heads, self.attention, self.attention_chunk_size, self.dtype,
+                                     name="attn")(h, head_mask)
+
+  def mlp_update(self, x, shift, scale, gate, group_mask=None):
+    h = layers.modulate(layers.layer_norm(self.dtype)(x), shift, scale).astype(self.dtype)
+    return gate[:, None] * Mlp(int(x.shape[-1] * self.mlp_ratio), self.dtype, name="mlp")(h, group_mask)
+
   @nn.compact
-  def __call__(self, x, c):
-    width = x.shape[-1]
-    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = layers.adaln_modulation(
-        c, width, 6, self.dtype)
-    h = layers.modulate(layers.layer_norm(self.dtype)(x), shift_msa, scale_msa).astype(self.dtype)
-    x = x + gate_msa[:, None] * Attention(self.num_heads, self.attention, self.attention_chunk_size, self.dtype,
-                                          name="attn")(h)
-    h = layers.modulate(layers.layer_norm(self.dtype)(x), shift_mlp, scale_mlp).astype(self.dtype)
-    x = x + gate_mlp[:, None] * Mlp(int(width * self.mlp_ratio), self.dtype, name="mlp")(h)
-    return nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+  def __call__(self, x, cond):
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(cond)
+    x = x + self.attention_update(x, shift_msa, scale_msa, gate_msa)
+    x = x + self.mlp_update(x, shift_mlp, scale_mlp, gate_mlp)
+    return nn.with_logical_constraint(x, ("batch", "length", "act_embed")), {}
 
 
 class Model(layers.DiffusionBackbone):
@@ -70,16 +88,10 @@ class Model(layers.DiffusionBackbone):
   attention: str = "auto"
   attention_chunk_size: int = 1024
 
-  def blocks(self, x, c, train):
-    # Inside a scan, remat needs no CSE barrier (the loop already keeps the recomputation apart).
-    block_cls = nn.remat(DiTBlock, prevent_cse=not self.scan_blocks) if self.remat else DiTBlock
+  def block_class(self):
+    return DiTBlock
 
-    def block(name):
-      return block_cls(self.num_heads, self.mlp_ratio, self.attention, self.attention_chunk_size,
-                       self.compute_dtype, name=name)
-
-    if self.scan_blocks:
-      return self.scan_over_blocks(lambda block, x, c: block(x, c), block("blocks"), x, c)
-    for i in range(self.depth):
-      x = block(f"blocks_{i}")(x, c)
-    return x
+  def block_fields(self, train):
+    del train
+    return dict(num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, attention=self.attention,
+                attention_chunk_size=self.attention_chunk_size, dtype=self.compute_dtype)

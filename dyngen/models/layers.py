@@ -7,8 +7,9 @@ Every parameter carries logical axis names (see `dyngen.sharding`) so the traine
 Activations are constrained with their own names (batch, length, act_embed, act_mlp, act_heads) so that
 parameter and activation sharding rules can differ (FSDP shards parameters' embed, not activations').
 """
+import dataclasses
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import einops
 import flax.linen as nn
@@ -259,10 +260,24 @@ def unpatchify(x, patch_size, channels, grid_size):
                           p=patch_size, q=patch_size, c=channels)
 
 
-class DiffusionBackbone(nn.Module):
-  """The frame every family shares: embed patches + conditioning, run `blocks`, project back.
+class Conditioning(NamedTuple):
+  """What every block is conditioned on: c = t_emb + y_emb (adaLN) and the raw timestep embedding t_emb
+  (DyDiT's width routers read it alone). Both (B, D)."""
+  c: jax.Array
+  t_emb: jax.Array
 
-  Subclasses implement `blocks(x, c, train) -> x` (x: (B, N, D), c: (B, D)).
+
+class DiffusionBackbone(nn.Module):
+  """The frame every family shares: embed patches + conditioning, run the blocks, project back.
+
+  A family implements
+    `block_class()` and `block_fields(train, **options)`: its block Module and the block's constructor
+      arguments (the frame names each block and wraps the class in remat when asked);
+    `block_step(block, x, cond, index) -> (x, aux)` (optional; default `block(x, cond)`): one block in its
+      place of the stack; `index` is a Python int, or a traced one under `scan_blocks`; `aux` a dict of
+      per-block arrays (masks, logits) returned stacked on a leading layer axis;
+    `outputs(out, aux)` (optional; default `out`): what `__call__` returns.
+  The frame applies remat, scan (`scan_blocks`) or unrolling the same way for every family.
   """
   input_size: int = 32
   patch_size: int = 2
@@ -277,6 +292,11 @@ class DiffusionBackbone(nn.Module):
   dtype: str = "float32"
   remat: bool = False
   scan_blocks: bool = False
+
+  # Positional arguments of the block call that are Python values when unrolled (static for remat), and the
+  # rng streams a block draws from (split per block under the scan). Class constants, not fields.
+  block_static_argnums = ()
+  block_rng_streams = ()
 
   @property
   def out_channels(self):
@@ -313,7 +333,7 @@ class DiffusionBackbone(nn.Module):
       raise ValueError(f"model.dtype must be 'float32' or 'bfloat16' (float64 for tests), got {self.dtype!r}")
 
   def embed(self, x, t, y, train, force_drop=None):
-    """Returns tokens (B, N, D) and the conditioning c (B, D)."""
+    """Returns tokens (B, N, D) and the blocks' `Conditioning`."""
     if x.shape[1:] != (self.input_size, self.input_size, self.in_channels):
       raise ValueError(f"expected x of shape (B, {self.input_size}, {self.input_size}, {self.in_channels}) "
                        f"(NHWC), got {x.shape}")
@@ -321,41 +341,80 @@ class DiffusionBackbone(nn.Module):
     tokens = PatchEmbed(self.patch_size, self.hidden_size, dtype, name="x_embedder")(x.astype(dtype))
     pos = jnp.asarray(sincos_pos_embed_2d(self.hidden_size, self.grid_size))
     tokens = tokens + pos.astype(tokens.dtype)[None]
-    c = TimestepEmbedder(self.hidden_size, dtype=dtype, name="t_embedder")(t)
-    c = c + LabelEmbedder(self.num_classes, self.hidden_size, self.class_dropout_prob, dtype,
-                          name="y_embedder")(y, train, force_drop)
-    return tokens, c
+    t_emb = TimestepEmbedder(self.hidden_size, dtype=dtype, name="t_embedder")(t)
+    c = t_emb + LabelEmbedder(self.num_classes, self.hidden_size, self.class_dropout_prob, dtype,
+                              name="y_embedder")(y, train, force_drop)
+    return tokens, Conditioning(c, t_emb)
 
-  def blocks(self, x, c, train):
+  def block_class(self):
     raise NotImplementedError
 
-  def scan_over_blocks(self, step, block, carry, c):
-    """The carry after `depth` applications of `step(block, carry, c) -> carry` under one lax.scan.
+  def block_fields(self, train, **options):
+    """The block's constructor arguments (without name)."""
+    raise NotImplementedError
+
+  def block_step(self, block, x, cond, index):
+    del index
+    return block(x, cond)  # A block returns (x, aux).
+
+  def outputs(self, out, aux):
+    del aux
+    return out
+
+  def run_blocks(self, x, cond, train, **options):
+    """x (B, N, D) after all `depth` blocks, and the blocks' aux stacked on a leading axis of size depth."""
+    block_cls = self.block_class()
+    if self.remat:
+      # Inside a scan, remat needs no CSE barrier (the loop already keeps the recomputation apart); unrolled,
+      # Python-valued block arguments (a direction flag) stay static.
+      block_cls = nn.remat(block_cls, **(dict(prevent_cse=False) if self.scan_blocks
+                                         else dict(static_argnums=self.block_static_argnums)))
+    fields = self.block_fields(train, **options)
+    return self._stack_blocks(lambda name: block_cls(**fields, name=name), x, cond)
+
+  def _stack_blocks(self, make_block, x, cond):
+    if self.scan_blocks:
+      return self._scan_blocks(make_block("blocks"), x, cond)
+    auxes = []
+    for index in range(self.depth):
+      x, aux = self.block_step(make_block(f"blocks_{index}"), x, cond, index)
+      auxes.append(aux)
+    return x, jax.tree.map(lambda *per_block: jnp.stack(per_block), *auxes)
+
+  def _scan_blocks(self, block, x, cond):
+    """All blocks under one lax.scan.
 
     `block` is an unbound block module named "blocks"; its parameters get a leading axis of size depth
     (logical name "layers"), blocks/... holding what blocks_0 ... blocks_{depth-1} hold unscanned (see
     `stack_block_params`). One traced block instead of `depth`: compile time independent of depth, and
     XLA:CPU keeps one block's buffers for the backward instead of a set per unrolled block.
     """
-    def body(block, carry, c):
-      return step(block, carry, c), None
+    def body(block, carry, cond):
+      x, index = carry
+      x, aux = self.block_step(block, x, cond, index)
+      return (x, index + 1), aux
 
-    scanned = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=nn.broadcast,
-                      length=self.depth, metadata_params={nn.PARTITION_NAME: "layers"})
-    carry, _ = scanned(block, carry, c)
-    return carry
+    scanned = nn.scan(body, variable_axes={"params": 0},
+                      split_rngs={"params": True, **{stream: True for stream in self.block_rng_streams}},
+                      in_axes=nn.broadcast, length=self.depth, metadata_params={nn.PARTITION_NAME: "layers"})
+    (x, _), aux = scanned(block, (x, jnp.zeros((), jnp.int32)), cond)
+    return x, aux
+
+  def forward(self, x, t, y, train=False, force_drop=None, **block_options):
+    """The frame's pass: (B, H, W, C_out) in at least float32, and the blocks' stacked aux."""
+    tokens, cond = self.embed(x, t, y, train, force_drop)
+    tokens = nn.with_logical_constraint(tokens, ("batch", "length", "act_embed"))
+    tokens, aux = self.run_blocks(tokens, cond, train, **block_options)
+    out = FinalLayer(self.hidden_size, self.patch_size, self.out_channels, self.compute_dtype,
+                     name="final_layer")(tokens, cond.c)
+    out = unpatchify(out, self.patch_size, self.out_channels, self.grid_size)
+    return out.astype(at_least_float32(self.compute_dtype)), aux
 
   @nn.compact
   def __call__(self, x, t, y, train=False, force_drop=None):
     """x: (B, H, W, C) NHWC; t: (B,) original timesteps; y: (B,) labels -> (B, H, W, C_out) float32
     (float64 when computing in float64)."""
-    tokens, c = self.embed(x, t, y, train, force_drop)
-    tokens = nn.with_logical_constraint(tokens, ("batch", "length", "act_embed"))
-    tokens = self.blocks(tokens, c, train)
-    out = FinalLayer(self.hidden_size, self.patch_size, self.out_channels, self.compute_dtype,
-                     name="final_layer")(tokens, c)
-    return unpatchify(out, self.patch_size, self.out_channels, self.grid_size).astype(
-        at_least_float32(self.compute_dtype))
+    return self.outputs(*self.forward(x, t, y, train, force_drop))
 
 
 def stack_block_params(params, depth):
