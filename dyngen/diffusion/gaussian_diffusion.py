@@ -11,6 +11,14 @@ process's own (respaced) steps 0..num_timesteps-1; without respacing they coinci
 
 Precision follows the official code: schedules are float64 numpy, and each coefficient is gathered as float32
 before it meets the arrays (so a float64 run still sees float32-rounded coefficients, exactly as upstream).
+
+Step indices outside [0, num_timesteps) are never clamped (a plain gather would clamp them, so a respaced
+250-step process would give t = 249, 500 and 999 the same x_t). Policy: a concrete index (numpy, a Python int,
+an eager jax array) is checked at once and a bad one raises ValueError naming the values; a traced index (under
+jit, inside the sampling scan) cannot raise without a host callback, which would sync every step and break the
+one-program loop on TPU, so a bad entry gathers NaN coefficients instead: that row's x_t, loss and sample are NaN
+(the trainer's non-finite-loss check then stops with the step), never a plausible wrong number. Index dtypes and
+shapes are static, so they are checked under jit too.
 """
 import dataclasses
 import enum
@@ -53,6 +61,20 @@ class Trajectory(NamedTuple):
   """Per-step values of a sampling loop, in the order the steps run (index S-1 first, index 0 last)."""
   sample: jax.Array  # (S, B, H, W, C): the state after each step; sample[-1] is the final sample
   pred_xstart: jax.Array  # (S, B, H, W, C): the model's x_0 estimate at each step (clipped if clip_denoised)
+
+
+def _concrete(value):
+  """`value` as a numpy array, or None when it is a tracer (its values unknown until the program runs)."""
+  try:
+    return np.asarray(value)
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    return None
+
+
+def _check_same_shape(name, value, reference_name, reference):
+  if jnp.shape(value) != jnp.shape(reference):
+    raise ValueError(f"{name} has shape {jnp.shape(value)}, expected {reference_name}'s shape {jnp.shape(reference)} "
+                     "(one value per element; it is not broadcast)")
 
 
 def _mean_flat(x):
@@ -137,19 +159,62 @@ class GaussianDiffusion:
         fixed_large_variance=fixed_large_variance,
     )
 
+  def _valid_steps(self, index, name="index", batch=None):
+    """Checks step indices of this process; returns (index as an int32 array, validity mask or None).
+
+    Raises ValueError for a non-integer dtype, for a shape other than () or (batch,), and, when the values are
+    concrete, for any value outside [0, num_timesteps). For traced values the mask says which entries are in
+    range (the caller turns the others into NaN, see the module docstring); it is None when all were checked.
+    """
+    dtype = jnp.result_type(index)
+    if not jnp.issubdtype(dtype, jnp.integer):
+      raise ValueError(f"{name} must hold integer steps of this process, got dtype {dtype}")
+    shape = jnp.shape(index)
+    if not (shape == () or (len(shape) == 1 and (batch is None or shape[0] == batch))):
+      expected = "() or (B,)" if batch is None else f"() or ({batch},), one step per batch row"
+      raise ValueError(f"{name} has shape {shape}, expected {expected}")
+    values = _concrete(index)
+    if values is None:
+      index = jnp.asarray(index, jnp.int32)
+      return index, (index >= 0) & (index < self.num_timesteps)
+    bad = (values < 0) | (values >= self.num_timesteps)
+    if np.any(bad):
+      shown = ", ".join(str(v) for v in np.unique(values[bad])[:6])
+      message = (f"{name} holds {shown}{' ...' if np.unique(values[bad]).size > 6 else ''} outside this diffusion's "
+                 f"steps [0, {self.num_timesteps})")
+      if self.timestep_map != tuple(range(self.num_timesteps)):
+        message += (f"; it is respaced to {self.num_timesteps} steps, so pass its own step indices (the model "
+                    f"sees timestep_map[index], original timesteps {self.timestep_map[0]}..{self.timestep_map[-1]}), "
+                    "or train on create_diffusion(timestep_respacing='') with t in [0, diffusion_steps)")
+      raise ValueError(message)
+    return jnp.asarray(index, jnp.int32), None
+
   def _coef(self, name, index, like):
-    """Table `name` at `index` ((), or (B,)) as float32, shaped to broadcast against `like` (B, H, W, C)."""
-    value = jnp.asarray(getattr(self._tables, name), jnp.float32)[index]
+    """Table `name` at `index` ((), or (B,)) as float32, shaped to broadcast against `like` (B, H, W, C).
+
+    A traced out-of-range index gathers NaN (see the module docstring), a concrete one raises.
+    """
+    index, valid = self._valid_steps(index, batch=jnp.shape(like)[0] if jnp.ndim(like) else None)
+    table = jnp.asarray(getattr(self._tables, name), jnp.float32)
+    if valid is None:
+      value = table[index]
+    else:
+      value = jnp.where(valid, table[jnp.where(valid, index, 0)], jnp.nan)
     return value.reshape(value.shape + (1,) * (like.ndim - value.ndim))
 
   def model_timesteps(self, index):
-    """Original timesteps (int32) of this process's steps `index` (any shape)."""
-    return jnp.asarray(self.timestep_map, jnp.int32)[index]
+    """Original timesteps (int32) of this process's steps `index` (() or (B,)); a traced out-of-range entry is -1."""
+    index, valid = self._valid_steps(index)
+    timesteps = jnp.asarray(self.timestep_map, jnp.int32)
+    if valid is None:
+      return timesteps[index]
+    return jnp.where(valid, timesteps[jnp.where(valid, index, 0)], -1)
 
   # Forward process.
 
   def q_sample(self, x_start, index, noise):
     """x_t ~ q(x_t | x_0) = N(√ᾱ_t x_0, (1 − ᾱ_t) I) with the given noise. x_start, noise: (B, H, W, C); index: (B,)."""
+    _check_same_shape("noise", noise, "x_start", x_start)
     return (self._coef("sqrt_alphas_cumprod", index, x_start) * x_start
             + self._coef("sqrt_one_minus_alphas_cumprod", index, x_start) * noise)
 
@@ -271,12 +336,12 @@ class GaussianDiffusion:
 
     Returns: dict of (B,) arrays `loss`, `mse`, `vb` (see `loss_terms`).
     """
+    # Checked before anything is drawn or run, with the argument's own name.
+    self._valid_steps(t, name="t", batch=jnp.shape(x_start)[0])
     if noise is None:
       if key is None:
         raise ValueError("training_losses needs either `noise` or a PRNG `key` to draw it")
       noise = jax.random.normal(key, x_start.shape, x_start.dtype)
-    elif noise.shape != x_start.shape:
-      raise ValueError(f"noise has shape {noise.shape}, expected x_start's shape {x_start.shape}")
     x_t = self.q_sample(x_start, t, noise)
     model_output = model_fn(x_t, self.model_timesteps(t))
     return self.loss_terms(model_output, x_start, x_t, t, noise)
@@ -295,6 +360,7 @@ class GaussianDiffusion:
 
     Returns: (sample, pred_xstart), both (B, H, W, C). At index 0 the sample is the mean (no noise).
     """
+    _check_same_shape("noise", noise, "x", x)
     out = self.p_mean_variance(self._call_model(model_fn, x, index), x, index, clip_denoised)
     nonzero_mask = (jnp.asarray(index) != 0).astype(jnp.float32)
     sample = out["mean"] + nonzero_mask * jnp.exp(0.5 * out["log_variance"]) * noise
@@ -307,6 +373,8 @@ class GaussianDiffusion:
     """
     if noise is None and not (isinstance(eta, (int, float)) and eta == 0):
       raise ValueError(f"ddim_sample with eta={eta!r} adds noise: pass `noise` (B, H, W, C)")
+    if noise is not None:
+      _check_same_shape("noise", noise, "x", x)
     out = self.p_mean_variance(self._call_model(model_fn, x, index), x, index, clip_denoised)
     # The eps implied by the (possibly clipped) x_0 estimate, so that clipping is consistent with the step.
     eps = self.predict_eps_from_xstart(x, index, out["pred_xstart"])
@@ -399,6 +467,18 @@ def create_diffusion(timestep_respacing: str | Sequence[int] | None = "", noise_
     rescale_learned_sigmas: with MSE, scale the VB term by num_timesteps / 1000.
     diffusion_steps: steps of the original process.
   """
+  if not (timestep_respacing is None or isinstance(timestep_respacing, str) or (
+      isinstance(timestep_respacing, Sequence) and all(
+          isinstance(c, (int, np.integer)) and not isinstance(c, bool) for c in timestep_respacing))):
+    raise ValueError(f"timestep_respacing must be a str such as '250', 'ddim50' or '10,15,20' ('' keeps all steps) "
+                     f"or a sequence of int section counts, got {timestep_respacing!r} "
+                     f"({type(timestep_respacing).__name__})")
+  flags = dict(use_kl=use_kl, sigma_small=sigma_small, predict_xstart=predict_xstart, learn_sigma=learn_sigma,
+               rescale_learned_sigmas=rescale_learned_sigmas)
+  for name, value in flags.items():
+    # A string such as "False" is truthy: it would silently switch the option on.
+    if not isinstance(value, (bool, np.bool_)):
+      raise ValueError(f"{name} must be a bool, got {value!r} ({type(value).__name__})")
   base_betas = schedules.named_beta_schedule(noise_schedule, diffusion_steps)
   kept = schedules.space_timesteps(diffusion_steps, timestep_respacing)
   if use_kl:

@@ -1,0 +1,181 @@
+"""Wrong inputs are errors, never silent wrong answers: the diffusion API and the command lines.
+
+Diffusion API: every case that used to flow on silently (a clamped timestep, an out-of-range label read past the
+embedding table, a broadcast noise array, a truthy string option) is now a ValueError naming the value when the
+value is concrete, and NaN in the affected rows when it is traced under jit (a host callback would sync every
+step). Valid rows are compared with an independent float64 numpy formula, so the checks cannot hide a change
+of the numbers.
+
+Command lines: `python -m dyngen.main` / `python -m dyngen.convert` run in subprocesses; user errors are one
+`error: ...` line on stderr and exit status 2, with no traceback; `--help` exits 0. Every case fails before any
+compute, so each run costs only the imports (~1-2 s).
+"""
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dyngen.diffusion import create_diffusion
+from dyngen.diffusion import guided_model_fn
+from dyngen.diffusion import guidance
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# The linear schedule's ᾱ in float64, written from DDPM's definition (not from dyngen's tables).
+ALPHAS_CUMPROD = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000, dtype=np.float64))
+# Coefficients are gathered as float32, data are float32: a few roundings per value.
+F32_RTOL = 1e-6
+
+
+def q_sample_reference(x_start, original_t, noise):
+  abar = ALPHAS_CUMPROD[np.asarray(original_t)].reshape(-1, 1, 1, 1)
+  return np.sqrt(abar) * x_start + np.sqrt(1 - abar) * noise
+
+
+def rel_err(actual, reference):
+  actual, reference = np.asarray(actual, np.float64), np.asarray(reference, np.float64)
+  return np.abs(actual - reference).max() / np.abs(reference).max()
+
+
+@pytest.fixture(scope="module")
+def data():
+  rng = np.random.default_rng(0)
+  return (rng.normal(size=(3, 2, 2, 1)).astype(np.float32), rng.normal(size=(3, 2, 2, 1)).astype(np.float32))
+
+
+def linear_model(x, t):
+  """A toy eps-and-variance model: (B, H, W, C) -> (B, H, W, 2C), depending on x and t."""
+  return jnp.concatenate([0.5 * x, jnp.tanh(x) * 0 + (t / 1000.0)[:, None, None, None]], axis=-1)
+
+
+# Timesteps.
+
+
+def test_respaced_diffusion_refuses_original_timesteps(data):
+  # The README's old snippet: a 250-step sampling diffusion fed original timesteps in [0, 1000).
+  x_start, noise = data
+  diffusion = create_diffusion("250")
+  t = np.array([249, 500, 999])
+  with pytest.raises(ValueError, match=r"t holds 500, 999 outside this diffusion's steps \[0, 250\); it is "
+                                       r"respaced to 250 steps.*original timesteps 0\.\.999"):
+    diffusion.training_losses(linear_model, x_start, t, noise=noise)
+  with pytest.raises(ValueError, match=r"index holds 250 outside this diffusion's steps \[0, 250\)"):
+    diffusion.q_sample(x_start, jnp.array([0, 250, 3]), noise)
+  with pytest.raises(ValueError, match=r"index holds -1 outside"):
+    diffusion.model_timesteps(-1)
+  # In range, step 249 of the respaced process is original timestep 999 (the last kept).
+  x_t = diffusion.q_sample(x_start, np.array([0, 100, 249]), noise)
+  expected = q_sample_reference(x_start, [diffusion.timestep_map[i] for i in (0, 100, 249)], noise)
+  assert diffusion.timestep_map[249] == 999 and rel_err(x_t, expected) < F32_RTOL
+
+
+def test_traced_out_of_range_timesteps_are_nan_rows(data):
+  # Under jit the values are unknown while tracing: a bad row becomes NaN (x_t, loss), good rows stay exact.
+  x_start, noise = data
+  diffusion = create_diffusion("250")
+  t = jnp.array([100, 500, -1])
+  x_t = np.asarray(jax.jit(diffusion.q_sample)(x_start, t, noise))
+  assert np.all(np.isnan(x_t[1:])) and np.all(np.isfinite(x_t[0]))
+  assert rel_err(x_t[:1], q_sample_reference(x_start[:1], [diffusion.timestep_map[100]], noise[:1])) < F32_RTOL
+  losses = jax.jit(lambda t: diffusion.training_losses(linear_model, x_start, t, noise=noise))(t)
+  assert np.isfinite(losses["loss"][0]) and np.all(np.isnan(losses["loss"][1:]))
+  np.testing.assert_array_equal(jax.jit(diffusion.model_timesteps)(t), [diffusion.timestep_map[100], -1, -1])
+
+
+def test_timestep_dtype_and_shape_are_checked_under_jit_too(data):
+  x_start, noise = data
+  diffusion = create_diffusion("")
+  loss = lambda t: diffusion.training_losses(linear_model, x_start, t, noise=noise)
+  with pytest.raises(ValueError, match="t must hold integer steps of this process, got dtype float32"):
+    jax.jit(loss)(jnp.array([1.0, 2.0, 3.0]))
+  with pytest.raises(ValueError, match=r"t has shape \(2,\), expected \(\) or \(3,\), one step per batch row"):
+    jax.jit(loss)(jnp.array([1, 2]))
+  with pytest.raises(ValueError, match=r"t has shape \(3, 1\)"):
+    loss(np.array([[1], [2], [3]]))
+
+
+def test_noise_is_never_broadcast(data):
+  x_start, noise = data
+  diffusion = create_diffusion("10")
+  t = np.array([1, 2, 3])
+  with pytest.raises(ValueError, match=r"noise has shape \(1, 2, 2, 1\), expected x_start's shape \(3, 2, 2, 1\)"):
+    diffusion.q_sample(x_start, t, noise[:1])
+  with pytest.raises(ValueError, match=r"noise has shape \(2, 2, 1\), expected x's shape \(3, 2, 2, 1\)"):
+    diffusion.p_sample(linear_model, jnp.asarray(x_start), 3, noise[0])
+  with pytest.raises(ValueError, match=r"noise has shape \(1, 2, 2, 1\), expected x's shape"):
+    diffusion.ddim_sample(linear_model, jnp.asarray(x_start), 3, noise[:1], eta=1.0)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(timestep_respacing=250), r"timestep_respacing must be a str such as '250'.*got 250 \(int\)"),
+    (dict(timestep_respacing=[2.5, 3]), r"sequence of int section counts, got \[2.5, 3\]"),
+    (dict(learn_sigma="False"), r"learn_sigma must be a bool, got 'False' \(str\)"),
+    (dict(predict_xstart=1), r"predict_xstart must be a bool, got 1 \(int\)"),
+])
+def test_create_diffusion_refuses_values_that_would_pass_silently(kwargs, message):
+  with pytest.raises(ValueError, match=message):
+    create_diffusion(**kwargs)
+
+
+# Labels and guidance.
+
+
+def label_apply_fn(x, t, y):
+  """Output (B, H, W, 2C) depending on the label (a finite value for any int label, as a clamped gather)."""
+  scale = (1.0 + jnp.clip(y, 0, 10).astype(jnp.float32))[:, None, None, None]
+  return jnp.concatenate([x * scale, x * 0 + 0.25], axis=-1)
+
+
+def test_labels_outside_the_models_classes_are_refused():
+  x = jnp.ones((4, 2, 2, 1))
+  t = jnp.full((4,), 10)
+  with pytest.raises(ValueError, match=r"conditional labels \(first half of y\) 207, 360 outside the model's 10 "
+                                       r"classes: expected \[0, 10\)"):
+    guided_model_fn(label_apply_fn, jnp.array([207, 360, 10, 10]), 4.0, None, num_classes=10)
+  with pytest.raises(ValueError, match=r"10 is the null class, which belongs only in the null half"):
+    guided_model_fn(label_apply_fn, jnp.array([10, 3, 10, 10]), 4.0, None, num_classes=10)
+  with pytest.raises(ValueError, match=r"the null half of y must be the null class 10 \(num_classes\) in every row, "
+                                       r"got 1, 3"):
+    guided_model_fn(label_apply_fn, jnp.array([1, 3, 1, 3]), 4.0, None, num_classes=10)
+  with pytest.raises(ValueError, match="must be integer class indices, got dtype float32"):
+    guided_model_fn(label_apply_fn, jnp.array([1.0, 3.0, 10.0, 10.0]), 4.0, None, num_classes=10)
+  # The valid case is the plain guidance rule, uncond + s (cond - uncond), on the first channel.
+  out = guided_model_fn(label_apply_fn, jnp.array([1, 3, 10, 10]), 4.0, None, num_classes=10)(x, t)
+  np.testing.assert_allclose(np.asarray(out[:, 0, 0, 0]), [11 + 4 * (2 - 11), 11 + 4 * (4 - 11)] * 2, rtol=1e-6)
+  assert guidance.check_labels(np.array([0, 9]), 10) is None
+  with pytest.raises(ValueError, match=r"labels 11 outside the model's 10 classes: expected \[0, 10\] \(10 = the null"):
+    guidance.check_labels(np.array([0, 10, 11]), 10, allow_null=True)
+
+
+def test_traced_bad_labels_give_nan_rows():
+  x = jnp.ones((4, 2, 2, 1))
+  t = jnp.full((4,), 10)
+
+  @jax.jit
+  def run(y):
+    return guided_model_fn(label_apply_fn, y, 4.0, None, num_classes=10)(x, t)
+
+  good = np.asarray(run(jnp.array([1, 3, 10, 10])))
+  out = np.asarray(run(jnp.array([1, 207, 10, 10])))
+  # Pair 1 (rows 1 and 3) holds label 207: NaN; pair 0 is untouched, bit for bit.
+  assert np.all(np.isnan(out[[1, 3]])) and np.array_equal(out[[0, 2]], good[[0, 2]])
+
+
+def test_guidance_channels_must_fit_the_prediction():
+  x = jnp.ones((4, 2, 2, 1))
+  t = jnp.full((4,), 10)
+  y = jnp.array([1, 3, 10, 10])
+  # The official 3 on a 1-channel model with learned variance (2 output channels): the colab failure.
+  with pytest.raises(ValueError, match="guidance_channels=3 but the model outputs only 2 channels"):
+    guided_model_fn(label_apply_fn, y, 4.0, 3)(x, t)
+  # 2 fits the output but would mix the variance channel: refused as well.
+  with pytest.raises(ValueError, match="guidance_channels=2 but x has only 1 channels: output channels from 1 on "
+                                       "are variance values"):
+    guided_model_fn(label_apply_fn, y, 4.0, 2)(x, t)
+  for bad in (0, True, 1.5):
+    with pytest.raises(ValueError, match="guidance_channels must be a positive int or None"):
+      guided_model_fn(label_apply_fn, y, 4.0, bad)
