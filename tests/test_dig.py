@@ -118,15 +118,15 @@ def test_scan_schedule_matches_official_flip_and_transpose():
 
     @nn.compact
     def __call__(self, x, t, y, train=False, force_drop=None):
-      tokens, c = self.embed(x, t, y, train)
+      tokens, cond = self.embed(x, t, y, train)
       for i in range(self.depth):
-        tokens = dig.DiGBlock(self.num_heads, self.grid_size, self.mlp_ratio, "reference",
-                              name=f"blocks_{i}")(tokens, c)
+        tokens, _ = dig.DiGBlock(self.num_heads, self.grid_size, self.mlp_ratio, "reference",
+                                 name=f"blocks_{i}")(tokens, cond)
         tokens = tokens[:, ::-1]
         if i % 2 == 1:
           tokens = dig.transpose_grid(tokens, self.grid_size)
       out = models.layers.FinalLayer(self.hidden_size, self.patch_size, self.out_channels,
-                                     name="final_layer")(tokens, c)
+                                     name="final_layer")(tokens, cond.c)
       return models.layers.unpatchify(out, self.patch_size, self.out_channels, self.grid_size)
 
   fields = dict(config)

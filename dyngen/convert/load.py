@@ -53,7 +53,7 @@ def family_rules(name):
     if e.name != f"dyngen.convert.{name}":
       raise
     raise ValueError(f"no PyTorch converter for model family {name!r}; converters live in "
-                     "dyngen/convert/<name>.py (dit, dig)") from None
+                     "dyngen/convert/<name>.py (dit, dig, dydit)") from None
   return module.param_rules
 
 

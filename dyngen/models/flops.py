@@ -1,10 +1,13 @@
-"""Analytic FLOPs of one forward pass, per sample.
+"""Analytic FLOPs of one forward pass, per sample, and DyDiT's FLOPs ratio.
 
 Counted as the papers count them: one multiply-add is one flop (what fvcore reports), matmuls, linears and
 convolutions only (norms, activations and softmax are free). `count_flops(model_config)` returns a dict of
 components in flops; `gflops(model_config)` their sum / 1e9.
 """
 import dataclasses
+from typing import NamedTuple
+
+import jax.numpy as jnp
 
 FREQUENCY_EMBEDDING_SIZE = 256
 
@@ -82,7 +85,8 @@ def dig_macs(model_config, convention="complete"):
   return counts
 
 
-FAMILY_COUNTERS = {"dit": dit_macs, "dig": dig_macs}
+# A dense DyDiT is a DiT: its routers (< 0.1% of a block) are not counted, as the paper does not.
+FAMILY_COUNTERS = {"dit": dit_macs, "dig": dig_macs, "dydit": dit_macs}
 
 
 def count_flops(model_config, **kwargs):
@@ -97,3 +101,35 @@ def count_flops(model_config, **kwargs):
 
 def gflops(model_config, **kwargs):
   return sum(count_flops(model_config, **kwargs).values()) / 1e9
+
+
+class UnitMacs(NamedTuple):
+  """Multiply-adds of one block's routed parts at full width: attention A and MLP M (per sample)."""
+  attention: int
+  mlp: int
+
+
+def dydit_unit_macs(model_config):
+  """DyDiT's A = 4ND² + 2N²D and M = 2N·D·hidden (8ND² at mlp_ratio 4) for the model's own N and D.
+
+  The official loss.py hard-codes them for 256 tokens (S/2: A 0.2013, M 0.3020 GMACs); they are computed
+  here from the config, so another resolution or patch size gets its own.
+  """
+  s = Shape.of(model_config)
+  return UnitMacs(attention_macs(s.tokens, s.width), mlp_macs(s.tokens, s.width, int(s.width * model_config.mlp_ratio)))
+
+
+def dydit_flops_ratio(head_mask, mlp_mask, token_mask, attention, mlp):
+  """The official per-sample FLOPs ratio Σ_l [f_head·A + f_group·f_token·M] / (L·(A + M)).
+
+  head_mask, mlp_mask: (B, L, H) 0/1 with the always-on unit included; token_mask: (B, L, N);
+  attention, mlp: A and M (`dydit_unit_macs`). Returns (B,) in the masks' float dtype; differentiable
+  (the straight-through gradients of the masks flow through it).
+  """
+  head_fraction = jnp.mean(head_mask, axis=-1)
+  group_fraction = jnp.mean(mlp_mask, axis=-1)
+  token_fraction = jnp.mean(token_mask, axis=-1)
+  # Normalised weights as Python floats: M alone exceeds int32 at XL/2.
+  attention_weight, mlp_weight = attention / (attention + mlp), mlp / (attention + mlp)
+  routed = head_fraction * attention_weight + group_fraction * token_fraction * mlp_weight
+  return jnp.mean(routed, axis=-1)
