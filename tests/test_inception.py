@@ -205,6 +205,19 @@ def test_adm_resize_is_tf1_legacy_bilinear():
     np.testing.assert_allclose(resized, tf1_resize_reference(image, 17), rtol=0, atol=1e-4)
 
 
+def test_adm_resize_is_bit_identical_to_tensorflow():
+  # The TF graph's own op (ResizeBilinear without half_pixel_centers, the 2015 graph predates the attribute):
+  # same float32 coordinates and lerp order, so the outputs are bit-identical, for 256 -> 299 as ADM's
+  # ImageNet 256 samples and for a downsampled 320x352 image.
+  tf = pytest.importorskip("tensorflow")
+  rng = np.random.default_rng(1)
+  for shape in ((1, 256, 256, 3), (1, 320, 352, 3)):
+    images = rng.integers(0, 256, size=shape).astype(np.float32)
+    expected = tf.raw_ops.ResizeBilinear(images=tf.constant(images), size=[299, 299], align_corners=False,
+                                         half_pixel_centers=False).numpy()
+    np.testing.assert_array_equal(np.asarray(inception.resize_tf1_bilinear(images)), expected)
+
+
 def test_adm_preprocessing_scales_like_the_tf_graph(net):
   # (x - 128) / 128 after the resize: 0 -> -1, 128 -> 0, 255 -> 127/128; uint8 and float inputs agree.
   constant = np.stack([np.full((5, 6, 3), v, np.uint8) for v in (0, 128, 255)])
