@@ -75,6 +75,9 @@ def training_config() -> ml_collections.ConfigDict:
   """Every trainer field with the DiT recipe's values; `model` and `data` are left to the caller."""
   config = ml_collections.ConfigDict()
   config.seed = 0
+  # Warm start: a dyngen workdir / checkpoint or an official PyTorch .pt whose weights initialise the model
+  # (the EMA starts from them); "" = train from scratch. Resuming from the workdir takes precedence.
+  config.init_from = ""
   config.batch_size = 256  # Global batch over all devices and hosts.
   config.num_train_steps = 400_000  # DiT reports most ablations at 400K steps.
   config.log_every_steps = 100
@@ -86,6 +89,9 @@ def training_config() -> ml_collections.ConfigDict:
       learning_rate=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
       warmup_steps=0,  # Linear warm-up from 0; DiT uses none.
       grad_clip_norm=0.0,  # Clip by global norm when > 0; DiT does not clip.
+      # Skip the update (params unchanged, EMA and step go on) when the gradient norm exceeds this; 0 = never.
+      # DyDiT's recipe skips instead of clipping (its --clip_max_norm).
+      skip_update_grad_norm=0.0,
   ))
   config.ema = ml_collections.ConfigDict(dict(decay=0.9999))
 

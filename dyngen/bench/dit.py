@@ -26,6 +26,7 @@ import ml_collections
 from dyngen import diffusion as diffusion_lib
 from dyngen import models
 from dyngen.bench import measure
+from dyngen.train import objectives
 from dyngen.train import state as state_lib
 from dyngen.train import step as step_lib
 
@@ -95,7 +96,8 @@ def run_benchmark():
   # Shift parameters off the zero init of adaLN / final layers so every branch does real work.
   state = state.replace(params=jax.tree.map(lambda p: p + 0.01, state.params))
   train_diffusion = diffusion_lib.create_diffusion(timestep_respacing="", learn_sigma=True)
-  train_step = functools.partial(step_lib.train_step, model=model, diffusion=train_diffusion, optimizer=optimizer,
+  train_step = functools.partial(step_lib.train_step, objective=objectives.DiffusionObjective(model, train_diffusion),
+                                 optimizer=optimizer,
                                  learning_rate_fn=state_lib.learning_rate_schedule(optimizer_config()),
                                  ema_decay=0.9999)
   rows = []

@@ -2,6 +2,7 @@
 
   build(model_config) -> flax.linen.Module
   variant("XL/2")     -> dict(depth, hidden_size, num_heads, patch_size) of the papers' sizes
+  prediction_fn(model, params) -> (x, t, y) -> the model's output array (a routed model's aux dropped)
 """
 import dataclasses
 import importlib
@@ -49,3 +50,11 @@ def build(model_config):
   model = cls(**fields)
   model.validate()
   return model
+
+
+def prediction_fn(model, params, **apply_kwargs):
+  """(x, t, y) -> (B, H, W, C_out): `model.apply` in eval mode, without a routed family's aux outputs."""
+  def apply(x, t, y):
+    out = model.apply({"params": params}, x, t, y, train=False, **apply_kwargs)
+    return out[0] if model.returns_aux else out
+  return apply

@@ -123,6 +123,10 @@ class Model(dit.Model):
   router_threshold: float = 0.5
 
   block_rng_streams = ("gumbel",)
+  returns_aux = True
+  # Warm start (config.init_from): a DiT checkpoint fills everything but the routers, which start fresh.
+  warm_start_sources = ("dit",)
+  warm_start_new_modules = ("head_router", "mlp_router", "token_router")
 
   def validate(self):
     super().validate()

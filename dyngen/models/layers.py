@@ -297,6 +297,8 @@ class DiffusionBackbone(nn.Module):
   # rng streams a block draws from (split per block under the scan). Class constants, not fields.
   block_static_argnums = ()
   block_rng_streams = ()
+  # Whether `__call__` returns (out, aux) instead of out (see `models.prediction_fn`).
+  returns_aux = False
 
   @property
   def out_channels(self):

@@ -14,12 +14,14 @@ import ml_collections
 from dyngen import data as data_lib
 from dyngen import models
 from dyngen import sharding
+from dyngen.train import objectives
 
 _INT, _FLOAT, _STR, _BOOL, _INTS, _STRS, _RULES = "int", "float", "str", "bool", "ints", "strs", "rules"
 
 # Every trainer field: dotted path -> kind. The defaults live in configs/common.py.
 TRAINER_FIELDS = {
     "seed": _INT,
+    "init_from": _STR,
     "batch_size": _INT,
     "num_train_steps": _INT,
     "log_every_steps": _INT,
@@ -33,6 +35,7 @@ TRAINER_FIELDS = {
     "optimizer.weight_decay": _FLOAT,
     "optimizer.warmup_steps": _INT,
     "optimizer.grad_clip_norm": _FLOAT,
+    "optimizer.skip_update_grad_norm": _FLOAT,
     "ema.decay": _FLOAT,
     "diffusion.noise_schedule": _STR,
     "diffusion.diffusion_steps": _INT,
@@ -65,6 +68,8 @@ TRAINER_FIELDS = {
 }
 # Sections checked by their owners rather than by TRAINER_FIELDS.
 OWNED_SECTIONS = ("model", "data")
+# Sections that only some runs have, checked by their owners (dyngen.train.objectives for config.dynamic).
+OPTIONAL_SECTIONS = ("dynamic",)
 SAMPLERS = ("ddpm", "ddim")
 EVALUATION_METRICS = ("", "digits")
 
@@ -115,7 +120,7 @@ def check_fields(config) -> None:
       raise ValueError(f"config.{section} is missing; every run config needs a {section} section.")
   known = set(TRAINER_FIELDS)
   for path, _ in _leaf_paths(config):
-    if path.split(".")[0] in OWNED_SECTIONS or path in known:
+    if path.split(".")[0] in OWNED_SECTIONS + OPTIONAL_SECTIONS or path in known:
       continue
     close = difflib.get_close_matches(path, known, n=1)
     hint = f" Did you mean config.{close[0]}?" if close else ""
@@ -148,7 +153,7 @@ def check_values(config) -> None:
   for path in positive:
     _require(_get(config, path) > 0, f"config.{path} must be > 0, got {_get(config, path)}.")
   for path in ("sample_every_steps", "optimizer.warmup_steps", "optimizer.weight_decay",
-               "optimizer.grad_clip_norm", "sample.num_samples", "sample.grid_size", "sample.guidance_channels",
+               "optimizer.grad_clip_norm", "optimizer.skip_update_grad_norm", "sample.num_samples", "sample.grid_size", "sample.guidance_channels",
                "evaluation.num_samples", "evaluation.every_steps", "profile.num_steps", "sample.cfg_scale",
                "sample.grid_cfg_scale", "sample.eta"):
     _require(_get(config, path) >= 0, f"config.{path} must be >= 0, got {_get(config, path)}.")
@@ -176,6 +181,7 @@ def check_values(config) -> None:
            f"config.latent.vae={config.latent.vae!r}: latent-space training is not available yet; set it to '' "
            "(pixel space).")
   model = models.build(config.model)  # Checks the model's own fields and shapes.
+  objectives.check_dynamic_config(config)
   _require(config.sample.guidance_channels <= model.in_channels,
            f"config.sample.guidance_channels={config.sample.guidance_channels} but the model predicts "
            f"{model.in_channels} channel(s); use 0 (guide all channels) or at most {model.in_channels}.")

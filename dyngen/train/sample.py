@@ -71,7 +71,7 @@ class Sampler:
       noise_key, loop_key = jax.random.split(key)
       shape = (labels.shape[0], model.input_size, model.input_size, model.in_channels)
       x_T = jax.random.normal(noise_key, shape, jnp.float32)
-      apply_fn = lambda x, t, y: model.apply({"params": params}, x, t, y, train=False)
+      apply_fn = models.prediction_fn(model, params)
       if guided:
         x_T = jnp.concatenate([x_T, x_T], axis=0)
         y = jnp.concatenate([labels, jnp.full_like(labels, model.num_classes)], axis=0)

@@ -4,6 +4,7 @@
 are `fold_in(rng, step)`, so the randomness of step s does not depend on how the run got to s (a resumed
 run draws the same timesteps, noise and label dropout as an uninterrupted one).
 """
+import functools
 from typing import Any
 
 import flax
@@ -35,9 +36,11 @@ def learning_rate_schedule(optimizer_config) -> optax.Schedule:
 
 
 def create_optimizer(optimizer_config) -> optax.GradientTransformation:
-  """AdamW on the schedule above, after clipping by global norm when `grad_clip_norm` > 0.
+  """AdamW on the schedule above, after clipping by global norm when `grad_clip_norm` > 0, the whole update
+  skipped when the gradient norm exceeds `skip_update_grad_norm` > 0.
 
-  DiT: AdamW, lr 1e-4, betas (0.9, 0.999), no weight decay, no clipping.
+  DiT: AdamW, lr 1e-4, betas (0.9, 0.999), no weight decay, no clipping. DyDiT skips above its clip norm
+  (its train.py also steps once more before the check in stage 1; dyngen makes one update per step).
   """
   adamw = optax.adamw(
       learning_rate_schedule(optimizer_config),
@@ -47,7 +50,12 @@ def create_optimizer(optimizer_config) -> optax.GradientTransformation:
       weight_decay=optimizer_config.weight_decay,
   )
   if optimizer_config.grad_clip_norm > 0:
-    return optax.chain(optax.clip_by_global_norm(optimizer_config.grad_clip_norm), adamw)
+    adamw = optax.chain(optax.clip_by_global_norm(optimizer_config.grad_clip_norm), adamw)
+  if optimizer_config.get("skip_update_grad_norm", 0.0) > 0:
+    # optax's skip: a step whose squared gradient norm exceeds the bound leaves params and moments unchanged.
+    adamw = optax.MultiSteps(adamw, every_k_schedule=1, should_skip_update_fn=functools.partial(
+        optax.skip_large_updates, max_squared_norm=optimizer_config.skip_update_grad_norm ** 2)
+    ).gradient_transformation()
   return adamw
 
 

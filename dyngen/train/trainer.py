@@ -35,9 +35,11 @@ from dyngen import models
 from dyngen import sharding
 from dyngen.train import config_checks
 from dyngen.train import evaluation
+from dyngen.train import objectives
 from dyngen.train import sample as sample_lib
 from dyngen.train import state as state_lib
 from dyngen.train import step as step_lib
+from dyngen.train import warm_start
 
 SAMPLES_SUBDIR = "samples"
 
@@ -93,8 +95,19 @@ class Run:
       init = jax.jit(lambda key: nn.unbox(self._init_fn(key)), out_shardings=self.state_shardings)
       return init(self.seed_key)
 
+  def warm_started(self, state: state_lib.TrainState) -> state_lib.TrainState:
+    """`state` with params and EMA from `config.init_from` (fresh where the model adds modules)."""
+    params, report = warm_start.load_init_params(self.config.init_from, self.model, state.params)
+    logging.info("%s.", report.summary())
+    if report.initialised:
+      logging.info("Initialised fresh: %s", ", ".join(report.initialised))
+    params = jax.device_put(params, self.state_shardings.params)
+    ema_params = jax.device_put(params, self.state_shardings.ema_params)  # The EMA starts at the loaded weights.
+    return state.replace(params=params, ema_params=ema_params)
+
   def compiled_train_step(self):
-    step_fn = functools.partial(step_lib.train_step, model=self.model, diffusion=training_diffusion(self.config),
+    objective = objectives.create_objective(self.config, self.model, training_diffusion(self.config))
+    step_fn = functools.partial(step_lib.train_step, objective=objective,
                                 optimizer=self.optimizer, learning_rate_fn=self.learning_rate_fn,
                                 ema_decay=self.config.ema.decay)
     return jax.jit(step_fn, in_shardings=(self.state_shardings, self.batch_sharding),
@@ -186,6 +199,8 @@ def _train_loop(run: Run, workdir, writer, train_iter, manager):
   if restored is None:
     state, start_step = run.initial_state(), 0
     logging.info("Starting a new run in %s.", workdir)
+    if config.init_from:
+      state = run.warm_started(state)
     writer.write_hparams(_flatten(checkpoint.config_to_json_dict(config)))
   else:
     state, start_step = restored
