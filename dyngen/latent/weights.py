@@ -213,15 +213,18 @@ def load_autoencoder_params(path, config: autoencoder_lib.AutoencoderKLConfig | 
   """
   weights_path = resolve_weights_path(path)
   config = read_config(weights_path) if config is None else config
-  raw = read_state_dict(weights_path)
-  state_dict = canonical_state_dict(raw, weights_path)
+  return params_from_state_dict(read_state_dict(weights_path), config, f"weights {weights_path}"), config
+
+
+def params_from_state_dict(state_dict: dict, config: autoencoder_lib.AutoencoderKLConfig, source: str = "weights"):
+  """The Flax params (nested dict of float32 numpy arrays) of a diffusers state dict {name: array}."""
+  canonical = canonical_state_dict(state_dict, source)
   expected = pm.flatten_shapes(autoencoder_lib.param_shapes(config))
   description = (f"AutoencoderKL(block_out_channels={list(config.block_out_channels)}, "
                  f"layers_per_block={config.layers_per_block}, latent_channels={config.latent_channels}); "
-                 f"weights {weights_path} (mid-block attention accepted as to_q/to_k/to_v/to_out.0 or "
-                 f"query/key/value/proj_attn){_layout_hint(raw)}")
-  params = pm.apply_rules(state_dict, param_rules(config), [], expected, description)
-  return params, config
+                 f"{source} (mid-block attention accepted as to_q/to_k/to_v/to_out.0 or "
+                 f"query/key/value/proj_attn){_layout_hint(state_dict)}")
+  return pm.apply_rules(canonical, param_rules(config), [], expected, description)
 
 
 def load_autoencoder(path, *, config: autoencoder_lib.AutoencoderKLConfig | None = None, dtype=np.float32,
