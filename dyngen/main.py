@@ -10,6 +10,10 @@ r"""dyngen's entry point: train a diffusion transformer, or sample from a traine
 Run from the repository root (config files import `configs.common`). Rerunning a training command with
 the same workdir resumes from its newest checkpoint. `--config.<field>=<value>` overrides any field;
 unknown fields and values of the wrong type are refused before anything runs.
+
+A user error (a bad flag or config value, missing data, a wrong or corrupt checkpoint) prints one
+`error: <message>` line and exits with status 2; internal errors keep their traceback (see dyngen/cli_errors.py;
+DYNGEN_TRACEBACK=1 shows it for user errors too). `--help` lists the flags and exits 0.
 """
 import logging as std_logging
 
@@ -18,6 +22,8 @@ from absl import flags
 from absl import logging
 import jax
 from ml_collections import config_flags
+
+from dyngen import cli_errors
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, optionally with an argument: configs/<name>.py[:arg].",
@@ -52,7 +58,9 @@ def main(argv):
   logging.info("JAX process %d of %d, %d local / %d global %s devices.", jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count(), jax.default_backend())
   config = _CONFIG.value
-  logging.info("Config:\n%s", config)
+  # The whole config is saved beside every checkpoint; the console gets its source and the overrides only.
+  logging.info("Config %s, overrides %s", config_flags.get_config_filename(flags.FLAGS["config"]),
+               config_flags.get_override_values(flags.FLAGS["config"]) or "none")
   if _MODE.value == "train":
     trainer.train_and_evaluate(config, _WORKDIR.value)
   else:
@@ -61,4 +69,4 @@ def main(argv):
 
 if __name__ == "__main__":
   jax.config.config_with_absl()
-  app.run(main)
+  cli_errors.run(main)

@@ -10,9 +10,11 @@ a mismatch stops with the list of missing, unexpected and mis-shaped tensors. Th
 torch and without running code stored in it. The output holds the weights as the EMA params of a
 checkpoint, with the whole config, so that `dyngen.checkpoint.load_for_inference(output)` and
 `python -m dyngen.main --mode=sample --workdir=...` read it.
+
+A file that cannot be read, is unsafe or does not fit the model prints one `error: <message>` line and exits with
+status 2 (see dyngen/cli_errors.py).
 """
 import pickle
-import sys
 
 from absl import app
 from absl import flags
@@ -21,6 +23,7 @@ import jax
 from ml_collections import config_flags
 
 from dyngen import checkpoint
+from dyngen import cli_errors
 from dyngen.convert import load
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -41,7 +44,8 @@ def main(argv):
   try:
     params = load.load_torch_params(_TORCH_CHECKPOINT.value, config.model)
   except (OSError, ValueError, pickle.UnpicklingError) as error:  # unreadable, unsafe or not fitting the model
-    sys.exit(f"cannot convert {_TORCH_CHECKPOINT.value}: {type(error).__name__}: {error}")
+    message = cli_errors.error_message(error)
+    raise cli_errors.UserError(f"cannot convert {_TORCH_CHECKPOINT.value}: {message}") from error
   count = sum(p.size for p in jax.tree.leaves(params))
   path = checkpoint.save_inference_checkpoint(_OUTPUT.value, config, params, step=_STEP.value)
   logging.info("Converted %s (%d parameters, %s) to %s", _TORCH_CHECKPOINT.value, count,
@@ -50,4 +54,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli_errors.run(main)
