@@ -8,6 +8,7 @@ import ml_collections
 from configs import common
 from dyngen import data as data_lib
 from dyngen import models
+from dyngen.train import objectives
 
 # Fields every family takes (the official constructors' argument names) with the papers' values.
 BASE_MODEL_FIELDS = dict(
@@ -23,6 +24,7 @@ BASE_MODEL_FIELDS = dict(
 FAMILY_FIELDS = {
     "dit": dict(attention="auto", attention_chunk_size=1024),
     "dig": dict(gla_implementation="auto", gla_chunk_size=64),
+    "dydit": dict(attention="auto", attention_chunk_size=1024, router_tau=5.0, router_threshold=0.5),
 }
 # DiG-XL uses 18 heads so that every head keeps key dim 32 and value dim 64.
 FAMILY_HEADS = {("dig", "XL"): 18}
@@ -56,4 +58,43 @@ def experiment_config(name, arg, size):
   if arg.runlocal:
     common.shrink_for_runlocal(config, depth=4)
     config.latent.vae = ""
+  return config
+
+
+# DyDiT's official recipes (train0.5.sh, train0.7.sh): fine-tuning DiT-XL/2 at batch 256 from the released
+# DiT checkpoint. λ=0.5 runs in two stages in one workdir: stage 1 (30K steps) adds the complete model's
+# loss, stage 2 continues to 200K without it. λ=0.7 is one stage of 150K steps with it.
+DYDIT_RECIPES = {
+    0.5: dict(learning_rate=1e-4, skip_update_grad_norm=200.0, warmup_steps=1000, steps={1: 30_000, 2: 200_000}),
+    0.7: dict(learning_rate=2.5e-5, skip_update_grad_norm=50.0, warmup_steps=5000, steps={1: 150_000}),
+}
+# The file name of the released DiT-XL/2 256x256 weights, the default warm start (pass its path).
+DIT_XL_2_CHECKPOINT = "DiT-XL-2-256x256.pt"
+
+
+def dydit_experiment_config(arg, size):
+  """DyDiT fine-tuning on ImageNet 256x256; `arg` = 'XL/2', 'XL/2,ratio=0.7', 'XL/2,ratio=0.5,stage=2',
+  ',runlocal'. The warm start (`config.init_from`) is the DiT checkpoint of the same variant."""
+  arg = common.parse_arg(arg, variant=f"{size}/2", ratio=0.5, stage=1, runlocal=False)
+  if arg.ratio not in DYDIT_RECIPES:
+    raise ValueError(f"DyDiT recipes exist for ratio in {sorted(DYDIT_RECIPES)} (the paper's), got {arg.ratio}; "
+                     "for another target take the closest and override --config.dynamic.target_ratio.")
+  recipe = DYDIT_RECIPES[arg.ratio]
+  if arg.stage not in recipe["steps"]:
+    raise ValueError(f"the ratio={arg.ratio} recipe has stage(s) {sorted(recipe['steps'])}, got stage={arg.stage}")
+  config = experiment_config("dydit", f"{arg.variant}", size)
+  config.seed = 16  # The official runs' --global-seed.
+  config.init_from = DIT_XL_2_CHECKPOINT if arg.variant == "XL/2" else f"DiT-{size}-{arg.variant[-1]}.pt"
+  config.optimizer.learning_rate = recipe["learning_rate"]
+  config.optimizer.skip_update_grad_norm = recipe["skip_update_grad_norm"]
+  config.num_train_steps = recipe["steps"][arg.stage]
+  config.checkpoint_every_steps = 3000 if arg.stage == 1 else 5000
+  config.dynamic = objectives.default_dynamic_config()
+  config.dynamic.update(dict(target_ratio=arg.ratio, warmup_steps=recipe["warmup_steps"],
+                             complete_model_loss=arg.stage == 1))
+  if arg.runlocal:
+    common.shrink_for_runlocal(config, depth=2)
+    config.latent.vae = ""
+    config.init_from = ""  # A smoke run trains the routed model from scratch.
+    config.dynamic.update(dict(hold_steps=2, warmup_steps=10))
   return config

@@ -69,7 +69,8 @@ TRAINER_FIELDS = {
 # Sections checked by their owners rather than by TRAINER_FIELDS.
 OWNED_SECTIONS = ("model", "data")
 # Sections that only some runs have, checked by their owners (dyngen.train.objectives for config.dynamic).
-OPTIONAL_SECTIONS = ("dynamic",)
+# config.pretrain (a whole run config, the warm start to train first) is checked as a run of its own.
+OPTIONAL_SECTIONS = ("dynamic", "pretrain")
 SAMPLERS = ("ddpm", "ddim")
 EVALUATION_METRICS = ("", "digits")
 

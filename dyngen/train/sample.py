@@ -60,6 +60,16 @@ class Sampler:
     self.batch_sharding = sharding.batch_sharding(mesh, self.rules)
     self.param_shardings = param_shardings
     self._compiled = {}
+    # Per sampling call, a routed model's per-step statistics ({"flops_ratio": (S,)}); see `routing_summary`.
+    self.routing_stats = []
+
+  def routing_summary(self) -> dict:
+    """Mean achieved FLOPs ratio over the sampling schedule and the calls so far ({} for dense models)."""
+    if not self.routing_stats or not self.routing_stats[0]:
+      return {}
+    per_step = np.mean([stats["flops_ratio"] for stats in self.routing_stats], axis=0)
+    return {"flops_ratio": float(np.mean(per_step)), "flops_ratio_first_step": float(per_step[0]),
+            "flops_ratio_last_step": float(per_step[-1]), "sampling_batches": len(self.routing_stats)}
 
   def _sample_fn(self, guided: bool):
     config = self.sample_config
@@ -67,24 +77,32 @@ class Sampler:
     channels = config.guidance_channels or None
 
     def sample(params, labels, key, cfg_scale):
-      """labels: (B,) int32 -> images (B, H, W, C) float32."""
+      """labels: (B,) int32 -> (images (B, H, W, C) float32, per-step stats {name: (S,)})."""
       noise_key, loop_key = jax.random.split(key)
       shape = (labels.shape[0], model.input_size, model.input_size, model.in_channels)
       x_T = jax.random.normal(noise_key, shape, jnp.float32)
-      apply_fn = models.prediction_fn(model, params)
+      y = labels
       if guided:
         x_T = jnp.concatenate([x_T, x_T], axis=0)
         y = jnp.concatenate([labels, jnp.full_like(labels, model.num_classes)], axis=0)
-        model_fn = diffusion_lib.guided_model_fn(apply_fn, y, cfg_scale, channels)
-      else:
-        model_fn = lambda x, t: apply_fn(x, t, labels)
       x_T = nn.with_logical_constraint(x_T, ("batch", None, None, None))
-      if config.sampler == "ddim":
-        out = diffusion.ddim_sample_loop(model_fn, x_T, key=loop_key, clip_denoised=config.clip_denoised,
-                                         eta=config.eta)
+
+      def model_fn_of(apply_fn):
+        if guided:
+          return diffusion_lib.guided_model_fn(apply_fn, y, cfg_scale, channels, num_classes=model.num_classes)
+        return lambda x, t: apply_fn(x, t, y)
+
+      if model.returns_aux:
+        out, stats = routed_sample_loop(diffusion, model, params, model_fn_of, x_T, loop_key, config)
       else:
-        out = diffusion.p_sample_loop(model_fn, x_T, key=loop_key, clip_denoised=config.clip_denoised)
-      return out[:labels.shape[0]]
+        model_fn = model_fn_of(models.prediction_fn(model, params))
+        if config.sampler == "ddim":
+          out = diffusion.ddim_sample_loop(model_fn, x_T, key=loop_key, clip_denoised=config.clip_denoised,
+                                           eta=config.eta)
+        else:
+          out = diffusion.p_sample_loop(model_fn, x_T, key=loop_key, clip_denoised=config.clip_denoised)
+        stats = {}
+      return out[:labels.shape[0]], stats
 
     return sample
 
@@ -94,7 +112,7 @@ class Sampler:
       self._compiled[guided] = jax.jit(
           self._sample_fn(guided),
           in_shardings=(self.param_shardings, self.batch_sharding, replicated, replicated),
-          out_shardings=self.batch_sharding)
+          out_shardings=(self.batch_sharding, replicated))
     return self._compiled[guided]
 
   def sample_batch(self, params, labels: np.ndarray, key: jax.Array, cfg_scale: float) -> np.ndarray:
@@ -103,7 +121,8 @@ class Sampler:
     global_labels = jax.make_array_from_callback(labels.shape, self.batch_sharding, lambda index: labels[index])
     guided = cfg_scale != 1.0
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-      images = self._compiled_fn(guided)(params, global_labels, key, jnp.float32(cfg_scale))
+      images, stats = self._compiled_fn(guided)(params, global_labels, key, jnp.float32(cfg_scale))
+    self.routing_stats.append(jax.device_get(stats))
     if jax.process_count() > 1:
       return np.asarray(multihost_utils.process_allgather(images, tiled=True))
     return np.asarray(images)
@@ -124,6 +143,40 @@ class Sampler:
       images = self.sample_batch(params, padded, jax.random.fold_in(base_key, index), cfg_scale)
       chunks.append(to_uint8(images[:len(chunk)]))
     return np.concatenate(chunks, axis=0)
+
+
+def routed_sample_loop(diffusion, model, params, model_fn_of, x_T, key, sample_config):
+  """The diffusion's DDPM / DDIM loop for a model that returns (out, aux), as one lax.scan, with aux kept.
+
+  The same steps, noise and keys as `GaussianDiffusion.p_sample_loop` / `ddim_sample_loop` (step k of S
+  draws from the k-th of `split(key, S)`), so the samples equal theirs; each step also records the batch's
+  mean FLOPs ratio of the rows it ran (conditional and null rows: both cost compute).
+
+  Returns: (x_0 (B, H, W, C), {"flops_ratio": (S,)}).
+  """
+  num_steps = diffusion.num_timesteps
+  indices = jnp.arange(num_steps - 1, -1, -1, dtype=jnp.int32)
+  ddim, eta = sample_config.sampler == "ddim", sample_config.eta
+  noisy = not ddim or eta != 0
+
+  def body(x, scanned):
+    index, step_key = scanned
+    captured = {}
+
+    def apply_fn(x, t, y):
+      out, aux = model.apply({"params": params}, x, t, y, train=False)
+      captured["flops_ratio"] = jnp.mean(aux["flops_ratio"])
+      return out
+
+    model_fn = model_fn_of(apply_fn)
+    noise = jax.random.normal(step_key, x.shape, x.dtype) if noisy else None
+    if ddim:
+      sample, _ = diffusion.ddim_sample(model_fn, x, index, noise, sample_config.clip_denoised, eta)
+    else:
+      sample, _ = diffusion.p_sample(model_fn, x, index, noise, sample_config.clip_denoised)
+    return sample.astype(x.dtype), {"flops_ratio": captured["flops_ratio"]}
+
+  return jax.lax.scan(body, x_T, (indices, jax.random.split(key, num_steps)))
 
 
 def notebook_sampler(config, devices=None) -> Sampler:

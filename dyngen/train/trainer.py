@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -102,7 +103,8 @@ class Run:
     if report.initialised:
       logging.info("Initialised fresh: %s", ", ".join(report.initialised))
     params = jax.device_put(params, self.state_shardings.params)
-    ema_params = jax.device_put(params, self.state_shardings.ema_params)  # The EMA starts at the loaded weights.
+    # The EMA starts at the loaded weights, in buffers of its own (the step donates both trees).
+    ema_params = jax.tree.map(lambda x: x.copy(), jax.device_put(params, self.state_shardings.ema_params))
     return state.replace(params=params, ema_params=ema_params)
 
   def compiled_train_step(self):
@@ -159,6 +161,30 @@ def write_sample_grid(run: Run, sampler: sample_lib.Sampler, params, step: int, 
   return str(path)
 
 
+def width_picture(model, params, timesteps) -> np.ndarray:
+  """uint8 (2L+1, S, 3) picture of a routed model's widths: rows are layers (head fractions on top, MLP-group
+  fractions below, a white separator), columns the sampling steps from t = max (left) to 0; white = full."""
+  from dyngen.models import dydit  # Local import: only routed families have widths.
+  timesteps = np.asarray(sorted(timesteps, reverse=True), np.int32)
+  masks = jax.device_get(dydit.width_masks(model, params, jnp.asarray(timesteps)))
+  head, mlp = (masks[name].mean(-1).T for name in ("head_mask", "mlp_mask"))  # (L, S) fractions
+  gray = np.concatenate([head, np.ones((1, head.shape[1])), mlp], axis=0)
+  return np.repeat((255 * gray).astype(np.uint8)[..., None], 3, axis=-1)
+
+
+def write_width_picture(run: Run, sampler: sample_lib.Sampler, params, step: int, writer, workdir) -> str:
+  picture = width_picture(run.model, params, sampler.diffusion.timestep_map)
+  writer.write_images(step, {"widths": picture[None]})
+  path = epath.Path(workdir) / SAMPLES_SUBDIR / f"widths_step_{step}.png"
+  if jax.process_index() == 0:
+    sample_lib.write_png(path, picture, upscale=max(1, 256 // picture.shape[1]))
+  return str(path)
+
+
+PRETRAIN_SUBDIR = "pretrain"
+SUMMARY_FILE = "summary.json"
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir):
   """Trains `config` in `workdir`, resuming from its newest checkpoint, and evaluates at the end.
 
@@ -177,6 +203,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir):
     NonFiniteLossError: the loss became NaN/Inf.
   """
   workdir = epath.Path(workdir)
+  if "pretrain" in config and not config.init_from:
+    # Train the warm start first (config.pretrain, a whole run config) in its own subdirectory.
+    Run(config.pretrain)  # Both configs are checked before any compute.
+    Run(config)
+    pretrain_dir = workdir / PRETRAIN_SUBDIR
+    logging.info("config.init_from is empty: training the warm start (config.pretrain) in %s first.", pretrain_dir)
+    train_and_evaluate(config.pretrain, pretrain_dir)
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.init_from = str(pretrain_dir)
+    state = train_and_evaluate(config, workdir)
+    write_summary(workdir, pretrain_dir)
+    return state
   run = Run(config)
   workdir.mkdir(parents=True, exist_ok=True)
   is_chief = jax.process_index() == 0
@@ -191,6 +229,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir):
     manager.close()
     writer.flush()
     writer.close()
+
+
+def _last_evaluation(workdir) -> dict:
+  results = sorted((epath.Path(workdir) / SAMPLES_SUBDIR).glob("eval_step_*.json"),
+                   key=lambda path: int(path.stem.rsplit("_", 1)[-1]))
+  return json.loads(results[-1].read_text()) if results else {}
+
+
+def write_summary(workdir, pretrain_dir) -> dict:
+  """workdir/summary.json: the last evaluation of the warm start beside the fine-tuned model's; logged too."""
+  summary = {"pretrained": _last_evaluation(pretrain_dir), "fine_tuned": _last_evaluation(workdir)}
+  if jax.process_index() == 0:
+    (epath.Path(workdir) / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True))
+  names = sorted(set(summary["pretrained"]) | set(summary["fine_tuned"]))
+  lines = [f"  {name:32s} {summary['pretrained'].get(name, float('nan')):10.4g} "
+           f"{summary['fine_tuned'].get(name, float('nan')):10.4g}" for name in names]
+  logging.info("Warm start vs fine-tuned (%s):\n  %-32s %10s %10s\n%s", epath.Path(workdir) / SUMMARY_FILE,
+               "", "pretrained", "fine-tuned", "\n".join(lines))
+  return summary
 
 
 def _train_loop(run: Run, workdir, writer, train_iter, manager):
@@ -247,6 +304,9 @@ def _train_loop(run: Run, workdir, writer, train_iter, manager):
       if config.sample_every_steps and (step % config.sample_every_steps == 0 or is_last):
         with progress.timed("sample"):
           path = write_sample_grid(run, sampler, state.ema_params, step, writer, workdir)
+          if objectives.is_dynamic(config.model):
+            widths = write_width_picture(run, sampler, state.ema_params, step, writer, workdir)
+            logging.info("Step %d: per-layer, per-step widths written to %s.", step, widths)
         logging.info("Step %d: sample grid written to %s.", step, path)
       evaluate_every = config.evaluation.every_steps
       if config.evaluation.metric and (is_last or (evaluate_every and step % evaluate_every == 0)):
@@ -263,10 +323,13 @@ def run_evaluation(run: Run, sampler: sample_lib.Sampler, params, step: int, wri
   config = run.config
   labels = sample_lib.balanced_labels(config.evaluation.num_samples, run.model.num_classes)
   start = time.perf_counter()
+  sampler.routing_stats.clear()
   images = sampler.generate(params, labels, cfg_scale=config.sample.cfg_scale, seed=config.sample.seed)
   sampling_seconds = time.perf_counter() - start
   results = evaluation.evaluate_samples(config, images, labels)
   results["sampling_seconds"] = sampling_seconds
+  # A routed model: the FLOPs ratio it achieved over the sampling schedule (1 for dense models).
+  results.update(sampler.routing_summary())
   writer.write_scalars(step, {f"eval/{k}": v for k, v in results.items()})
   if jax.process_index() == 0:
     out = epath.Path(workdir) / SAMPLES_SUBDIR
@@ -313,6 +376,7 @@ def sample(config: ml_collections.ConfigDict, workdir) -> str:
   start = time.perf_counter()
   images = sampler.generate(ema_params, labels, cfg_scale=sample_config.cfg_scale, seed=sample_config.seed)
   seconds = time.perf_counter() - start
+  routing = sampler.routing_summary()
   name = (f"{config.model.name}_{sample_config.sampler}{sample_config.num_steps}_cfg{sample_config.cfg_scale}_"
           f"seed{sample_config.seed}_n{sample_config.num_samples}")
   out = epath.Path(workdir) / SAMPLES_SUBDIR
@@ -321,6 +385,11 @@ def sample(config: ml_collections.ConfigDict, workdir) -> str:
     sample_lib.write_npz(npz_path, images, labels)
     sample_lib.write_png(out / f"{name}.png", sample_lib.image_grid(images[:100]),
                          upscale=max(1, 64 // run.model.input_size))
+    if routing:
+      (out / f"{name}_routing.json").write_text(json.dumps(routing, indent=2, sort_keys=True))
+  if routing:
+    logging.info("Achieved FLOPs ratio over the sampling schedule: %.4f (of the dense model's).",
+                 routing["flops_ratio"])
   logging.info("Wrote %d samples (%.1f s, %.1f images/s) to %s.", len(images), seconds, len(images) / seconds,
                npz_path)
   return str(npz_path)

@@ -1,0 +1,37 @@
+r"""DyDiT on the embedded digits: the quickstart's dense DiT fine-tuned under a FLOPs target λ = 0.5 (CPU).
+
+  python -m dyngen.main --config=configs/dydit_quickstart.py --workdir=/tmp/dydit_quickstart
+
+Without `--config.init_from`, the dense model is trained first in <workdir>/pretrain with the quickstart's
+own config (configs/quickstart.py; a finished one there is reused), then its EMA weights warm-start the
+routed model: every DiT parameter loaded, the routers fresh (all units on). Fine-tuning follows DyDiT's
+stage 1 (complete-model loss, quartile-stratified timesteps, λ held at 1 for 100 steps then ramped to 0.5)
+at the quickstart's learning rate; both models are then sampled alike (1,000 guided digits) and
+<workdir>/summary.json holds the digits-classifier accuracy and Fréchet distance of each, and the FLOPs
+ratio the routed model achieved over the sampling schedule.
+
+`:runlocal` shrinks both stages to a one-minute smoke run.
+"""
+from configs import common
+from configs import quickstart
+from dyngen.train import objectives
+
+
+def get_config(arg=None):
+  arg = common.parse_arg(arg, runlocal=False)
+  dense = quickstart.get_config("runlocal" if arg.runlocal else None)
+  config = quickstart.get_config("runlocal" if arg.runlocal else None)
+  config.model.name = "dydit"
+  config.model.update(dict(router_tau=5.0, router_threshold=0.5))
+  config.pretrain = dense  # The run that makes the warm start when config.init_from is "".
+
+  config.dynamic = objectives.default_dynamic_config()
+  config.dynamic.update(dict(target_ratio=0.5, hold_steps=100, warmup_steps=1000))
+  config.num_train_steps = 2000
+  config.optimizer.warmup_steps = 0  # Fine-tuning starts from trained weights.
+  config.sample_every_steps = 1000
+  if arg.runlocal:
+    config.num_train_steps = 20
+    config.sample_every_steps = 20
+    config.dynamic.update(dict(hold_steps=2, warmup_steps=10))
+  return config
