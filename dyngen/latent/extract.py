@@ -257,22 +257,26 @@ def extract_latents(data_config, vae: autoencoder_lib.Autoencoder, output_dir: s
     temporary = f"{final}.tmp-{os.getpid()}"
     images = iter(grain.MapDataset.source(source)[start:end].map(decode).to_iter_dataset(read_options))
     writer = array_record_module.ArrayRecordWriter(temporary, "group_size:1")
-    index = start
-    while index < end:
-      count = min(batch_size, end - index)
-      examples = [next(images) for _ in range(count)]
-      batch = np.zeros((batch_size, image_size, image_size, 3), np.uint8)  # the last batch padded
-      batch[:count] = np.stack([e["image"] for e in examples])
-      outputs = jax.device_get(encode_step(params, jax.device_put(batch, data_sharding)))
-      for i, example in enumerate(examples):
-        writer.write(encode_record(*(o[i] for o in outputs), example["label"], index + i))
-      index += count
-      progress.done += count
-      progress.encoded += count
-      now = time.perf_counter()
-      if now - progress.last_line >= log_every_s:
-        progress.last_line = now
-        log(progress.line(f"shard {shard}/{num_shards}"))
+    pending = None  # the batch on the devices while the host stacks the next one (jax dispatch is async)
+    for first in range(start, end + batch_size, batch_size):
+      submitted = None
+      if first < end:
+        examples = [next(images) for _ in range(min(batch_size, end - first))]
+        batch = np.zeros((batch_size, image_size, image_size, 3), np.uint8)  # the last batch padded
+        batch[:len(examples)] = np.stack([e["image"] for e in examples])
+        submitted = (first, examples, encode_step(params, jax.device_put(batch, data_sharding)))
+      if pending is not None:
+        index, done, outputs = pending
+        outputs = jax.device_get(outputs)
+        for i, example in enumerate(done):
+          writer.write(encode_record(*(o[i] for o in outputs), example["label"], index + i))
+        progress.done += len(done)
+        progress.encoded += len(done)
+        now = time.perf_counter()
+        if now - progress.last_line >= log_every_s:
+          progress.last_line = now
+          log(progress.line(f"shard {shard}/{num_shards}"))
+      pending = submitted
     writer.close()
     with open(temporary, "rb") as f:
       os.fsync(f.fileno())
