@@ -352,8 +352,8 @@ def render() -> str:
     kinds = sorted({type_name(fields[name][path]) for name in holders})
     lines.append(f"| `{path}` | {' or '.join(kinds)} | `{usual[path]}` | {len(holders)} | "
                  f"{_cell(descriptions.general(path, usual[path]))} |")
-  lines += ["", "## Per config", "", "Fields each config sets otherwise than the usual value above, and fields only some "
-            "configs have.", ""]
+  lines += ["", "## Per config", "",
+            "Fields each config sets otherwise than the usual value above, and fields only some configs have.", ""]
   for name, per_config in fields.items():
     lines += [f"### `{name}`", "", _cell(_first_docstring_line(modules[name])), ""]
     changed = [path for path, value in per_config.items()
