@@ -228,9 +228,11 @@ class Transport:
       t = jnp.asarray(t)
       if t.shape != (batch,):
         raise ValueError(f"t has shape {t.shape}, expected ({batch},): one time per sample")
-      if _is_concrete(t) and not bool(jnp.all((t >= 0) & (t <= 1))):
-        raise ValueError(f"t must lie in [0, 1] (0 = noise, 1 = data), got values in "
-                         f"[{float(jnp.min(t))}, {float(jnp.max(t))}]")
+      if _is_concrete(t):  # values are checked where they are known (not inside a trace)
+        values = np.asarray(t)
+        if not np.all((values >= 0) & (values <= 1)):
+          raise ValueError(f"t must lie in [0, 1] (0 = noise, 1 = data), got values in "
+                           f"[{values.min()}, {values.max()}]")
     t = t.astype(x1.dtype)
     if x0 is None:
       x0 = jax.random.normal(noise_key, x1.shape, x1.dtype)
