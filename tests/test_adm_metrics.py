@@ -132,7 +132,7 @@ def test_adm_metrics_combines_them():
   features = {"pool_3": rng.normal(size=(40, 6)), "spatial": rng.normal(size=(40, 5)),
               "logits": rng.normal(size=(40, 9))}
   reference = {"pool_3": rng.normal(size=(30, 6)) + 0.2, "spatial": rng.normal(size=(30, 5))}
-  metrics = adm_metrics.adm_metrics(features, reference, distance_dtype="float32")
+  metrics = adm_metrics.compute_metrics(features, reference, distance_dtype="float32")
   expected_fid = adm_frechet_reference(*evaluation.feature_statistics(features["pool_3"]),
                                        *evaluation.feature_statistics(reference["pool_3"]))
   assert metrics["fid"] == pytest.approx(expected_fid, rel=1e-9)
@@ -144,8 +144,87 @@ def test_adm_metrics_combines_them():
                                                                                  features["pool_3"])
   # Stored statistics win over the features (ADM reads mu / sigma from the reference npz when present).
   stored = dict(reference, mu=np.zeros(6), sigma=np.eye(6), mu_s=np.zeros(5), sigma_s=np.eye(5))
-  fid = adm_metrics.adm_metrics(features, stored)["fid"]
+  fid = adm_metrics.compute_metrics(features, stored)["fid"]
   assert fid == pytest.approx(adm_frechet_reference(*evaluation.feature_statistics(features["pool_3"]),
                                                     np.zeros(6), np.eye(6)), rel=1e-9)
   with pytest.raises(ValueError, match="neither mu_s/sigma_s nor spatial"):
-    adm_metrics.adm_metrics(features, {"pool_3": reference["pool_3"]})
+    adm_metrics.compute_metrics(features, {"pool_3": reference["pool_3"]})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# python -m dyngen.evaluate, end to end in subprocesses, with random Inception weights in the real file format.
+
+REPO_ROOT = test_inception.CASE.parents[2]
+
+
+def run_evaluate(*args, cache_dir=None):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  if cache_dir:  # the two runs compile the same Inception program: the second reads it from this cache
+    env.update(JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  return subprocess.run([sys.executable, "-m", "dyngen.evaluate", *args], cwd=REPO_ROOT, capture_output=True,
+                        text=True, timeout=600, env=env)
+
+
+@pytest.fixture(scope="module")
+def inception_file(tmp_path_factory):
+  return test_inception.random_inception_file(tmp_path_factory.mktemp("weights") / "pt_inception.pth", seed=1)
+
+
+@pytest.mark.slow  # ~25 s on a quiet 2-core CPU, most of it the 2048-d float64 Fréchet distances
+def test_evaluate_cli_end_to_end(tmp_path, inception_file):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(6)
+  images = rng.integers(0, 256, size=(6, 32, 32, 3)).astype(np.uint8)
+  for i, image in enumerate(images):  # two class folders; 32x32 PNGs, which the 32 centre crop keeps as they are
+    (tmp_path / "folder" / f"class_{i % 2}").mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(tmp_path / "folder" / f"class_{i % 2}" / f"{i}.png")
+  made = run_evaluate(f"--make_reference={tmp_path / 'reference.npz'}", f"--images={tmp_path / 'folder'}",
+                      "--image_size=32", f"--inception={inception_file}", "--batch_size=3",
+                      cache_dir=tmp_path / "cache")
+  assert made.returncode == 0, made.stderr
+  reference = np.load(tmp_path / "reference.npz")
+  assert sorted(reference.files) == ["arr_0", "arr_1", "mu", "mu_s", "sigma", "sigma_s"]
+  assert reference["mu"].shape == (2048,) and reference["sigma_s"].shape == (2023, 2023)
+  order = [0, 2, 4, 1, 3, 5]  # sorted paths: class_0/0, 2, 4, then class_1/1, 3, 5
+  np.testing.assert_array_equal(reference["arr_0"], images[order])
+  np.testing.assert_array_equal(reference["arr_1"], [0, 0, 0, 1, 1, 1])
+  # The samples are the reference images themselves: FID = sFID = 0 (round-off), precision = recall = 1.
+  np.savez(tmp_path / "samples.npz", arr_0=images)
+  result = run_evaluate(f"--samples={tmp_path / 'samples.npz'}", f"--reference={tmp_path / 'reference.npz'}",
+                        f"--inception={inception_file}", f"--output={tmp_path / 'metrics.json'}",
+                        "--batch_size=3", "--progress_every_s=0", cache_dir=tmp_path / "cache")
+  assert result.returncode == 0, result.stderr
+  assert "images/s, ETA" in result.stdout and "| FID |" in result.stdout
+  metrics = json.loads((tmp_path / "metrics.json").read_text())
+  assert metrics["fid"] == pytest.approx(0.0, abs=1e-6) and metrics["sfid"] == pytest.approx(0.0, abs=1e-6)
+  assert metrics["precision"] == 1.0 and metrics["recall"] == 1.0
+  assert 1.0 <= metrics["inception_score"] < 6.0 and metrics["num_samples"] == metrics["num_reference"] == 6
+
+
+def test_evaluate_cli_user_errors(tmp_path, inception_file, state_dict_without_one_tensor):
+  images = np.zeros((4, 8, 8, 3), np.uint8)
+  np.savez(tmp_path / "samples.npz", arr_0=images)
+  np.savez(tmp_path / "no_images.npz", images=images)
+  test_inception.write_state_dict(tmp_path / "wrong.pth", state_dict_without_one_tensor)
+  cases = [
+      ([f"--samples={tmp_path / 'absent.npz'}", f"--reference={tmp_path / 'samples.npz'}"], "absent.npz: no such file"),
+      ([f"--samples={tmp_path / 'no_images.npz'}", f"--reference={tmp_path / 'samples.npz'}"],
+       "has no array 'arr_0' (it holds ['images'])"),
+      ([f"--samples={tmp_path / 'samples.npz'}", f"--reference={tmp_path / 'samples.npz'}",
+        f"--inception={tmp_path / 'wrong.pth'}"], "missing in the checkpoint (1)"),
+  ]
+  for args, message in cases:
+    if not any(a.startswith("--inception") for a in args):
+      args = args + [f"--inception={inception_file}"]
+    result = run_evaluate(*args)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.fixture(scope="module")
+def state_dict_without_one_tensor():
+  import collections  # pylint: disable=g-import-not-at-top
+  manifest = json.loads((test_inception.CASE / "manifest.json").read_text())
+  state_dict = collections.OrderedDict(test_inception.regenerate_state_dict(manifest, seed=2))
+  del state_dict["Mixed_7c.branch_pool.conv.weight"]
+  return state_dict

@@ -7,6 +7,6 @@ from dyngen.evaluation.frechet import frechet_distance
 from dyngen.evaluation.sample_quality import digits_sample_quality
 from dyngen.evaluation.inception import InceptionV3
 from dyngen.evaluation.inception_weights import load_inception
-from dyngen.evaluation.adm_metrics import adm_metrics
+from dyngen.evaluation.adm_metrics import compute_metrics as compute_adm_metrics
 from dyngen.evaluation.adm_metrics import inception_score
 from dyngen.evaluation.adm_metrics import precision_recall

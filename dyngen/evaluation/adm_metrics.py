@@ -150,7 +150,7 @@ def reference_statistics(reference: dict) -> dict:
   return out
 
 
-def adm_metrics(samples: dict, reference: dict, *, distance_dtype: str = "float16",
+def compute_metrics(samples: dict, reference: dict, *, distance_dtype: str = "float16",
                 split_size: int = IS_SPLIT_SIZE) -> dict:
   """FID, sFID, IS, precision and recall of sample features against a reference batch.
 

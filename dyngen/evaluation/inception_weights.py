@@ -65,9 +65,13 @@ def load_inception_variables(path):
   if not os.path.isfile(path):
     raise FileNotFoundError(f"Inception weights {path!r} not found; pass pytorch-fid's "
                             "pt_inception-2015-12-05-6726825d.pth (from its GitHub release 'fid_weights')")
-  with torch_checkpoint.TorchCheckpoint(path) as checkpoint:
-    state_dict, key = convert_load.select_state_dict(checkpoint.tree, checkpoint.path)
-    state_dict = checkpoint.materialize(state_dict)
+  try:
+    with torch_checkpoint.TorchCheckpoint(path) as checkpoint:
+      state_dict, key = convert_load.select_state_dict(checkpoint.tree, checkpoint.path)
+      state_dict = checkpoint.materialize(state_dict)
+  except torch_checkpoint.CheckpointFormatError as error:
+    raise torch_checkpoint.CheckpointFormatError(
+        f"{error}; the Inception weights are pytorch-fid's pt_inception-2015-12-05-6726825d.pth") from None
   where = f"checkpoint {path}" + (f"['{key}']" if key else "")
   return convert_state_dict(state_dict, where)
 
