@@ -11,6 +11,7 @@ Command lines: `python -m dyngen.main` / `python -m dyngen.convert` run in subpr
 compute, so each run costs only the imports (~1-2 s).
 """
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -311,3 +312,52 @@ def test_what_counts_as_a_user_error():
   assert not cli_errors.is_user_error(raised(lambda: np.zeros(3).reshape(2, 2)))  # inside numpy
   assert cli_errors.is_user_error(checkpoint.CorruptCheckpointError("x"))  # a listed class, wherever raised
   assert not cli_errors.is_user_error(RuntimeError("x")) and not cli_errors.is_user_error(KeyError("x"))
+
+
+# Documented recipes run as written.
+
+
+def cosine_alphas_cumprod(timesteps, steps=1000):
+  """ᾱ_t of Improved DDPM's cosine schedule from its formula (no cap: compared only where it does not bind)."""
+  f = lambda s: np.cos((s + 0.008) / 1.008 * np.pi / 2) ** 2
+  return f((np.asarray(timesteps) + 1) / steps) / f(0)
+
+
+def test_colab_recipe_runs_on_a_quickstart_checkpoint(tmp_path):
+  # The quickstart's config (cosine schedule, 1 channel, 10 classes, guide all channels, clipped x_0) on a
+  # 1-block model with random weights: the old recipe failed here on guidance_channels=3, gave NaN for its
+  # ImageNet labels and sampled with the linear schedule.
+  from configs import quickstart  # pylint: disable=g-import-not-at-top
+  from dyngen import checkpoint  # pylint: disable=g-import-not-at-top
+  from dyngen import models  # pylint: disable=g-import-not-at-top
+  from dyngen.bench import measure  # pylint: disable=g-import-not-at-top
+
+  config = quickstart.get_config()
+  config.model.update(dict(hidden_size=32, depth=1, num_heads=2))
+  config.sample.update(dict(num_steps=10, batch_size=8))
+  model = models.build(config.model)
+  example = (jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.int32))
+  params = measure.random_params(model, *example, scale=0.1)
+  path = checkpoint.save_inference_checkpoint(tmp_path / "quickstart", config, params)
+
+  text = (REPO_ROOT / "launch" / "colab.md").read_text()
+  cells = re.findall(r"```python\n(.*?)```", text, re.DOTALL)
+  assert len(cells) == 3
+  code = "\n".join(line for line in "\n".join(cells).splitlines() if not line.startswith("!"))  # shell magics
+  code, count = re.subn(r'checkpoint_path = "[^"]*"', f"checkpoint_path = {str(path)!r}", code)
+  assert count == 1, "the recipe's checkpoint_path placeholder moved: update this test"
+  namespace = {}
+  exec(compile(code, "launch/colab.md", "exec"), namespace)  # pylint: disable=exec-used
+
+  x = np.asarray(namespace["x"])
+  assert x.shape == (8, 8, 8, 1) and np.all(np.isfinite(x))
+  # clip_denoised from the checkpoint: the last step returns the clipped x_0 estimate itself.
+  assert x.min() >= -1 and x.max() <= 1 and x.std() > 0
+  d = namespace["d"]
+  assert d.num_timesteps == 10
+  kept = np.asarray(d.timestep_map)
+  # The cosine schedule of the checkpoint, not the linear default (the cap of 0.999 binds only at t ~ 999).
+  np.testing.assert_allclose(np.cumprod(1 - np.asarray(d.betas))[:-1], cosine_alphas_cumprod(kept[:-1]), rtol=1e-10)
+  assert namespace["image"].mode == "L" and namespace["image"].size == (8, 8)
+  images = namespace["images"]
+  assert images.dtype == np.uint8 and images.shape == (8, 8, 8, 1)
