@@ -24,6 +24,9 @@ from dyngen.diffusion import ObjectiveInterface
 from dyngen.diffusion import create_diffusion
 from dyngen.diffusion import create_transport
 from dyngen.diffusion import first_channels
+from dyngen.diffusion import guided_model_fn
+from dyngen.diffusion import interval_guided_model_fn
+from dyngen.train import objectives
 
 MEAN = np.array([0.5, -1.0, 2.0])
 STD = np.array([0.3, 1.0, 1.5])
@@ -358,3 +361,36 @@ def test_bad_arrays_are_named():
   np.testing.assert_array_equal(transport.sample_ode(first_channels(doubled, 3), x, "euler", num_steps=3), x)
   with pytest.raises(ValueError, match=r"sample_eps=None"):
     create_transport("VP", train_eps=1e-4).sample_ode(model_fn, x, "euler", num_steps=3)
+
+
+def test_stratified_training_t():
+  key = jax.random.key(7)
+  diffusion = ObjectiveInterface(create_diffusion("", learn_sigma=True))
+  np.testing.assert_array_equal(diffusion.draw_training_t(key, 16, stratified=True),
+                                objectives.draw_timesteps(key, 16, 1000, stratified=True))
+  t = np.asarray(create_transport("VP").interface.draw_training_t(key, 4000, stratified=True))
+  quarter = np.arange(4000) % 4
+  t1 = 1 - 1e-5
+  assert np.all(t >= quarter * t1 / 4 - 1e-6) and np.all(t <= (quarter + 1) * t1 / 4 + 1e-6)
+
+
+def test_guidance_interval():
+  """Inside the interval the output is guided_model_fn's; outside, the guided channels are conditional."""
+  def apply_fn(x, t, y):  # a toy model whose conditional and null rows differ
+    return x * (1.0 + y[:, None, None, None].astype(x.dtype)) + t[:, None, None, None]
+
+  y = jnp.array([3, 5, 10, 10])
+  x = jax.random.normal(jax.random.key(0), (4, 2, 2, 4))
+  x = jnp.concatenate([x[:2], x[:2]])
+  model_fn = interval_guided_model_fn(apply_fn, y, 4.0, guidance_interval=(0.3, 0.7))
+  t = jnp.array([0.5, 0.9, 0.5, 0.9])  # row 0 inside, row 1 outside
+  out = model_fn(x, t)
+  guided = guided_model_fn(apply_fn, y, 4.0)(x, t)
+  conditional = apply_fn(jnp.concatenate([x[:2], x[:2]]), t, y)
+  np.testing.assert_allclose(out[0], guided[0], rtol=1e-6)
+  np.testing.assert_allclose(out[1, ..., :3], conditional[1, ..., :3], rtol=1e-6)
+  np.testing.assert_allclose(out[3, ..., :3], conditional[1, ..., :3], rtol=1e-6)  # both halves get it
+  np.testing.assert_allclose(out[3, ..., 3], conditional[3, ..., 3], rtol=1e-6)  # the 4th channel: own row
+  assert np.abs(np.asarray(guided[1] - out[1])).max() > 0.1
+  with pytest.raises(ValueError, match=r"low <= high, got \(0.7, 0.3\)"):
+    interval_guided_model_fn(apply_fn, y, 4.0, guidance_interval=(0.7, 0.3))

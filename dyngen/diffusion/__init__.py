@@ -26,4 +26,5 @@ from dyngen.diffusion.transport import Prediction
 from dyngen.diffusion.transport import Transport
 from dyngen.diffusion.transport import create_transport
 from dyngen.diffusion.transport import first_channels
+from dyngen.diffusion.transport import interval_guided_model_fn
 from dyngen.diffusion.transport import objective_interface

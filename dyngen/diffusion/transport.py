@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dyngen.diffusion import gaussian_diffusion
+from dyngen.diffusion import guidance
 from dyngen.diffusion import paths
 
 ModelFn = Callable[..., jax.Array]
@@ -69,6 +70,29 @@ def first_channels(model_fn: ModelFn, channels: int) -> ModelFn:
     return model_fn(*args)[..., :channels]
 
   return wrapped
+
+
+def interval_guided_model_fn(apply_fn, y, cfg_scale, guidance_interval=(0.0, 1.0), guidance_channels: int | None = 3):
+  """`guided_model_fn` whose guidance applies only while t lies in `guidance_interval` (closed).
+
+  Outside it every guided channel is the conditional prediction (scale 1), as in guidance-interval sampling
+  (Kynkäänniemi et al. 2024), which keeps the guidance away from the noisiest times. t is what the model
+  receives (for a transport, t in [0, 1] with 0 = noise); (0, 1) guides everywhere as `guided_model_fn`.
+
+  Args: as `guided_model_fn`, plus guidance_interval: (low, high) with low <= high.
+  Returns: model_fn(x, t) -> (2n, H, W, C_out) on the doubled batch [conditional; null].
+  """
+  low, high = guidance_interval
+  if not low <= high:
+    raise ValueError(f"guidance_interval must be (low, high) with low <= high, got {guidance_interval!r}")
+
+  def model_fn(x, t):
+    half = x.shape[0] // 2
+    inside = (t[:half] >= low) & (t[:half] <= high)
+    scale = jnp.where(inside, cfg_scale, 1.0).astype(jnp.float32)[:, None, None, None]
+    return guidance.guided_model_fn(apply_fn, y, scale, guidance_channels)(x, t)
+
+  return model_fn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -465,11 +489,22 @@ class ObjectiveInterface:
     """Whether the loss trains variance channels (the model must then output 2C channels)."""
     return self.process.learns_variance
 
-  def draw_training_t(self, key, batch_size: int):
-    """(B,) training times: int32 uniform on {0, ..., T−1}, or float32 on the transport's training interval."""
+  def draw_training_t(self, key, batch_size: int, stratified: bool = False):
+    """(B,) training times: int32 uniform on {0, ..., T−1}, or float32 on the transport's training interval.
+
+    stratified: row i is drawn from quarter (i mod 4) of the range (DyDiT's --t_sample): for the diffusion
+    U{0..T/4−1} + T/4·(i mod 4), as dyngen.train.objectives.draw_timesteps; for a transport u ↦ (u + i mod 4)/4.
+    """
+    quarter = jnp.arange(batch_size, dtype=jnp.int32) % 4
     if self.is_flow:
-      return self.process.draw_training_t(key, batch_size)
-    return jax.random.randint(key, (batch_size,), 0, self.process.num_timesteps, dtype=jnp.int32)
+      u = jax.random.uniform(key, (batch_size,), jnp.float32)
+      if stratified:
+        u = (u + quarter.astype(jnp.float32)) / 4
+      return self.process.training_t_from_uniform(u)
+    if not stratified:
+      return jax.random.randint(key, (batch_size,), 0, self.process.num_timesteps, dtype=jnp.int32)
+    size = self.process.num_timesteps // 4
+    return jax.random.randint(key, (batch_size,), 0, size, dtype=jnp.int32) + size * quarter
 
   def training_losses(self, model_fn: ModelFn, x_start, t, key):
     """dict of (B,) `loss`, `mse`, `vb` for data x_start: (B, H, W, C) at times t from `draw_training_t`.
