@@ -195,12 +195,17 @@ def test_hosts_share_the_shards(setup, tmp_path):
 def test_sample_latents():
   mean = np.full((2000, 2, 2, 4), 0.5, np.float32)
   std = np.full((2000, 2, 2, 4), 2.0, np.float32)
-  z = jax.jit(latents_lib.sample_latents, static_argnums=3)(mean, std, jax.random.key(0), 0.18215)
+  labels = np.arange(2000, dtype=np.int32)
+  # training_batch = {"image": sample_latents(...), "label": ...}; one compiled program for both keys.
+  step_batch = jax.jit(latents_lib.training_batch, static_argnums=2)
+  batch = step_batch({"mean": mean, "std": std, "label": labels}, jax.random.key(0), 0.18215)
+  z = np.asarray(batch["image"])
+  np.testing.assert_array_equal(batch["label"], labels)
   # 32000 draws of 0.18215 * N(0.5, 2²): mean within 4 standard errors, std within 2%.
   assert abs(float(z.mean()) - 0.18215 * 0.5) < 4 * 0.18215 * 2 / np.sqrt(z.size)
   assert abs(float(z.std()) / (0.18215 * 2) - 1) < 0.02
   # The noise is the step key's: another key, another sample.
-  other = jax.jit(latents_lib.sample_latents, static_argnums=3)(mean, std, jax.random.key(1), 0.18215)
+  other = step_batch({"mean": mean, "std": std, "label": labels}, jax.random.key(1), 0.18215)["image"]
   assert not np.allclose(other, z)
 
 

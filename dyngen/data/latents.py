@@ -4,6 +4,7 @@
   iterator = latents.create_latent_pipeline(data_config, global_batch_size=256, seed=0)
   batch = next(iterator)                 # {"mean", "std": float32 (b, h, w, 4), "label": int32 (b,)}
   x0 = latents.sample_latents(batch["mean"], batch["std"], key, scale_factor)   # inside the jitted step
+  step_batch = latents.training_batch(batch, key, scale_factor)   # the same as {"image": x0, "label": ...}
 
 Order of operations mirrors the pixel pipeline (dyngen/data/pipeline.py), so batches are reproducible and
 resumable in the same way:
@@ -176,3 +177,8 @@ def sample_latents(mean, std, key, scale_factor):
   """
   noise = jax.random.normal(key, mean.shape, jnp.promote_types(mean.dtype, jnp.float32))
   return (scale_factor * (mean + std * noise)).astype(mean.dtype)
+
+
+def training_batch(batch, key, scale_factor):
+  """The train step's {"image", "label"} of a latent batch: "image" = sample_latents(mean, std, key, scale)."""
+  return {"image": sample_latents(batch["mean"], batch["std"], key, scale_factor), "label": batch["label"]}
