@@ -109,6 +109,12 @@ def test_noise_is_never_broadcast(data):
     diffusion.p_sample(linear_model, jnp.asarray(x_start), 3, noise[0])
   with pytest.raises(ValueError, match=r"noise has shape \(1, 2, 2, 1\), expected x's shape"):
     diffusion.ddim_sample(linear_model, jnp.asarray(x_start), 3, noise[:1], eta=1.0)
+  x_t = diffusion.q_sample(x_start, t, noise)
+  with pytest.raises(ValueError, match=r"noise has shape \(2, 2, 1\), expected x_t's shape \(3, 2, 2, 1\)"):
+    diffusion.loss_terms(linear_model(x_t, t), x_start, x_t, t, noise[0])
+  # A list of steps is an array of steps, checked like one.
+  with pytest.raises(ValueError, match="index holds 10 outside this diffusion's steps"):
+    diffusion.q_sample(x_start, [1, 2, 10], noise)
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -177,6 +183,8 @@ def test_guidance_channels_must_fit_the_prediction():
   with pytest.raises(ValueError, match="guidance_channels=2 but x has only 1 channels: output channels from 1 on "
                                        "are variance values"):
     guided_model_fn(label_apply_fn, y, 4.0, 2)(x, t)
+  with pytest.raises(ValueError, match=r"cfg_scale must be a scalar .*got shape \(2,\)"):
+    guided_model_fn(label_apply_fn, y, jnp.array([4.0, 2.0]), None)
   for bad in (0, True, 1.5):
     with pytest.raises(ValueError, match="guidance_channels must be a positive int or None"):
       guided_model_fn(label_apply_fn, y, 4.0, bad)

@@ -166,6 +166,8 @@ class GaussianDiffusion:
     concrete, for any value outside [0, num_timesteps). For traced values the mask says which entries are in
     range (the caller turns the others into NaN, see the module docstring); it is None when all were checked.
     """
+    if isinstance(index, (list, tuple)):
+      index = np.asarray(index)
     dtype = jnp.result_type(index)
     if not jnp.issubdtype(dtype, jnp.integer):
       raise ValueError(f"{name} must hold integer steps of this process, got dtype {dtype}")
@@ -307,6 +309,8 @@ class GaussianDiffusion:
     diagnostic for KL types); `vb` (bits/dim; zeros when an MSE loss has no learned variance). For MSE types the
     VB term sees the prediction through stop_gradient, so it trains only the variance channels.
     """
+    _check_same_shape("x_start", x_start, "x_t", x_t)
+    _check_same_shape("noise", noise, "x_t", x_t)
     prediction, var_values = self._split_model_output(model_output, x_t)
     target = noise if self.mean_type == MeanType.EPSILON else x_start
     mse = _mean_flat((target - prediction) ** 2)

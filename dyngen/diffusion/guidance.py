@@ -80,6 +80,9 @@ def guided_model_fn(apply_fn: ApplyFn, y, cfg_scale, guidance_channels: int | No
                                         not isinstance(guidance_channels, int) or guidance_channels < 1):
     raise ValueError(f"guidance_channels must be a positive int or None (all prediction channels), "
                      f"got {guidance_channels!r}")
+  if jnp.ndim(cfg_scale) != 0:
+    # A per-row or per-channel scale would broadcast against the channel axis without a word.
+    raise ValueError(f"cfg_scale must be a scalar (a float or a 0-d array), got shape {jnp.shape(cfg_scale)}")
   if jnp.ndim(y) != 1 or jnp.shape(y)[0] % 2:
     raise ValueError(f"classifier-free guidance needs an even batch: y must be (2n,) labels, n conditional then n "
                      f"null rows; got shape {jnp.shape(y)}")
