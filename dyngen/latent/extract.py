@@ -32,7 +32,6 @@ import os
 import time
 
 from absl import flags
-from absl import logging
 import grain
 import jax
 import jax.numpy as jnp
@@ -327,8 +326,7 @@ def main(argv):
   data_config = data_config_of(FLAGS.data, FLAGS.image_size, FLAGS.data_dir, FLAGS.read_threads)
 
   def log(line):
-    logging.info("%s", line)
-    print(line, flush=True)
+    print(line, flush=True)  # stdout, one line per event (absl logging would add its prefix and stderr)
 
   log(f"VAE {weights_path}: {vae}; {jax.local_device_count()} local {jax.default_backend()} device(s)")
   extract_latents(data_config, vae, FLAGS.output,
@@ -343,6 +341,9 @@ def main(argv):
 
 if __name__ == "__main__":
   from dyngen import cli_errors  # pylint: disable=g-import-not-at-top
-  define_flags()
+  # Run the functions of the module under its package name, not of `__main__`: cli_errors recognises the
+  # user errors (ValueError, OSError) raised by dyngen's own modules by their module name.
+  from dyngen.latent import extract as extract_module  # pylint: disable=g-import-not-at-top,import-self
+  extract_module.define_flags()
   jax.config.config_with_absl()
-  cli_errors.run(main)
+  cli_errors.run(extract_module.main)
