@@ -228,3 +228,47 @@ def state_dict_without_one_tensor():
   state_dict = collections.OrderedDict(test_inception.regenerate_state_dict(manifest, seed=2))
   del state_dict["Mixed_7c.branch_pool.conv.weight"]
   return state_dict
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The evaluator registry (dyngen.evaluation.evaluators).
+
+def test_evaluator_registry_and_reference_checks(tmp_path):
+  from dyngen.evaluation import evaluators  # pylint: disable=g-import-not-at-top
+  assert {"adm_fid", "digits"} <= set(evaluators.REGISTRY)
+  with pytest.raises(ValueError, match=r"unknown evaluator 'fid'; registered: \['adm_fid', 'digits'\]"):
+    evaluators.build("fid")
+  with pytest.raises(ValueError, match="registered twice"):
+    evaluators.register("digits")(type("Other", (), {}))
+  statistics = dict(mu=np.zeros(2048), sigma=np.eye(2048), mu_s=np.zeros(2023), sigma_s=np.eye(2023))
+  # Checked before the weights are read (the weight path does not exist).
+  with pytest.raises(ValueError, match="no arr_0 images .* needed for precision / recall"):
+    evaluators.build("adm_fid", reference=statistics, inception=tmp_path / "absent.pth")
+  with pytest.raises(FileNotFoundError, match="reference batch .* not found"):
+    evaluators.build("adm_fid", reference=tmp_path / "absent.npz", inception=tmp_path / "absent.pth")
+
+
+@pytest.mark.slow  # the 2048-d float64 Fréchet distances dominate (~15 s on a quiet 2-core CPU)
+def test_adm_fid_evaluator_on_its_own_reference(inception_file):
+  from dyngen.evaluation import evaluators  # pylint: disable=g-import-not-at-top
+  net = evaluation.load_inception(inception_file)
+  images = np.random.default_rng(7).integers(0, 256, size=(5, 24, 24, 3)).astype(np.uint8)
+  evaluator = evaluators.build("adm_fid", reference={"arr_0": images}, inception=net, batch_size=5)
+  metrics = evaluator(images, labels=None)
+  assert sorted(metrics) == ["fid", "inception_score", "precision", "recall", "sfid"]
+  assert metrics["fid"] == pytest.approx(0.0, abs=1e-6) and metrics["sfid"] == pytest.approx(0.0, abs=1e-6)
+  assert metrics["precision"] == metrics["recall"] == 1.0
+  logits = net.features(images, batch_size=5)["logits"]
+  assert metrics["inception_score"] == pytest.approx(inception_score_reference(logits, 5000), rel=1e-9)
+
+
+def test_digits_evaluator_wraps_sample_quality(tmp_path):
+  from dyngen import data  # pylint: disable=g-import-not-at-top
+  from dyngen.evaluation import evaluators  # pylint: disable=g-import-not-at-top
+  config = data.default_config("digits")
+  config.data_dir = str(tmp_path / "tfds")
+  images, labels = data.load_split_arrays(config, "test")
+  evaluator = evaluators.build("digits", data_config=config)
+  expected = evaluation.digits_sample_quality(images[:60], labels[:60], config, classifier=evaluator.classifier)
+  assert evaluator(images[:60], labels[:60]) == pytest.approx(expected, rel=0, abs=0)
+  assert expected["classifier_accuracy_on_samples"] >= 0.9  # real digits: the classifier recognises them

@@ -10,3 +10,4 @@ from dyngen.evaluation.inception_weights import load_inception
 from dyngen.evaluation.adm_metrics import compute_metrics as compute_adm_metrics
 from dyngen.evaluation.adm_metrics import inception_score
 from dyngen.evaluation.adm_metrics import precision_recall
+from dyngen.evaluation import evaluators
