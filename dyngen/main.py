@@ -38,10 +38,13 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 class _HideLibraryInfo(std_logging.Filter):
-  """Drops INFO lines of Orbax (dozens per checkpoint) so that the progress lines stay readable."""
+  """Drops INFO lines of Orbax (dozens per checkpoint) and of JAX's backend probing ("Unable to initialize
+  backend 'tpu'" on every machine without one) so that the progress lines stay readable."""
 
   def filter(self, record):
-    return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+    if record.levelno >= std_logging.WARNING:
+      return True
+    return "/orbax/" not in record.pathname and not record.pathname.endswith("xla_bridge.py")
 
 
 def main(argv):
