@@ -72,12 +72,14 @@ def first_channels(model_fn: ModelFn, channels: int) -> ModelFn:
   return wrapped
 
 
-def interval_guided_model_fn(apply_fn, y, cfg_scale, guidance_interval=(0.0, 1.0), guidance_channels: int | None = 3):
+def interval_guided_model_fn(apply_fn, y, cfg_scale, guidance_interval=(0.0, 1.0), guidance_channels: int | None = 3,
+                             *, num_classes: int | None = None):
   """`guided_model_fn` whose guidance applies only while t lies in `guidance_interval` (closed).
 
   Outside it every guided channel is the conditional prediction (scale 1), as in guidance-interval sampling
   (Kynkäänniemi et al. 2024), which keeps the guidance away from the noisiest times. t is what the model
   receives (for a transport, t in [0, 1] with 0 = noise); (0, 1) guides everywhere as `guided_model_fn`.
+  Every sampler gives all rows the same t, so the scale is decided by t[0] and stays a scalar.
 
   Args: as `guided_model_fn`, plus guidance_interval: (low, high) with low <= high.
   Returns: model_fn(x, t) -> (2n, H, W, C_out) on the doubled batch [conditional; null].
@@ -87,10 +89,8 @@ def interval_guided_model_fn(apply_fn, y, cfg_scale, guidance_interval=(0.0, 1.0
     raise ValueError(f"guidance_interval must be (low, high) with low <= high, got {guidance_interval!r}")
 
   def model_fn(x, t):
-    half = x.shape[0] // 2
-    inside = (t[:half] >= low) & (t[:half] <= high)
-    scale = jnp.where(inside, cfg_scale, 1.0).astype(jnp.float32)[:, None, None, None]
-    return guidance.guided_model_fn(apply_fn, y, scale, guidance_channels)(x, t)
+    scale = jnp.where((t[0] >= low) & (t[0] <= high), cfg_scale, 1.0)
+    return guidance.guided_model_fn(apply_fn, y, scale, guidance_channels, num_classes=num_classes)(x, t)
 
   return model_fn
 
