@@ -85,7 +85,7 @@ def run_benchmark():
   smallest = jnp.full((block, adm_metrics.NEIGHBOURHOOD + 1), jnp.inf, jnp.float32)
 
   def merge(u, v, smallest):
-    return adm_metrics._smallest_distances(u, v, smallest, adm_metrics.NEIGHBOURHOOD, "float16")  # pylint: disable=protected-access
+    return adm_metrics.merge_smallest_distances(u, v, smallest, adm_metrics.NEIGHBOURHOOD, "float16")
 
   result = measure.measure(merge, features, features, smallest, repeats=FLAGS.repeats)
   seconds_per_pair = result.median_s / block ** 2

@@ -77,7 +77,7 @@ def pairwise_squared_distances(u, v, dtype="float16"):
 
 
 @functools.partial(jax.jit, static_argnames=("k", "dtype"))
-def _smallest_distances(rows, cols, smallest, k, dtype):
+def merge_smallest_distances(rows, cols, smallest, k, dtype):
   """Merges the k+1 smallest squared distances of `rows` to `cols` into `smallest` (R, k+1), ascending."""
   block = pairwise_squared_distances(rows, cols, dtype)
   candidates = jnp.concatenate([smallest, block], axis=1)
@@ -100,7 +100,7 @@ def manifold_radii(features, k: int = NEIGHBOURHOOD, batch_size: int = DISTANCE_
     rows = features[begin:begin + batch_size]
     smallest = jnp.full((len(rows), k + 1), jnp.inf, jnp.float32)
     for col_begin in range(0, len(features), batch_size):
-      smallest = _smallest_distances(rows, features[col_begin:col_begin + batch_size], smallest, k, dtype)
+      smallest = merge_smallest_distances(rows, features[col_begin:col_begin + batch_size], smallest, k, dtype)
     radii[begin:begin + len(rows)] = np.asarray(smallest[:, k])
   return radii
 
