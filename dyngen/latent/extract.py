@@ -303,7 +303,8 @@ def define_flags():
                       "'highest' = float32-exact on TPU/GPU).")
   flags.DEFINE_integer("process_index", -1, "This process's index (-1: jax.process_index()).")
   flags.DEFINE_integer("process_count", -1, "Number of processes sharing the work (-1: jax.process_count()).")
-  flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (multi-host TPU pods, GPU clusters).")
+  flags.DEFINE_bool("distributed", False,
+                    "Call jax.distributed.initialize() first (multi-host TPU pods, GPU clusters).")
   flags.DEFINE_float("log_every_s", 30.0, "Seconds between progress lines (one line per finished shard as well).")
 
 
