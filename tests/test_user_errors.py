@@ -128,6 +128,16 @@ def test_create_diffusion_refuses_values_that_would_pass_silently(kwargs, messag
     create_diffusion(**kwargs)
 
 
+def test_sampler_options_that_would_give_nan_or_pass_silently():
+  diffusion = create_diffusion("10")
+  x_T = jnp.ones((2, 2, 2, 1))
+  # eta = 1.5: sqrt(1 - ᾱ_prev - σ²) < 0 near t = 0, so the samples would be NaN.
+  with pytest.raises(ValueError, match=r"eta must be in \[0, 1\] .*got 1.5"):
+    diffusion.ddim_sample_loop(linear_model, x_T, key=jax.random.key(0), eta=1.5)
+  with pytest.raises(ValueError, match=r"clip_denoised must be a bool, got 'False' \(str\)"):
+    diffusion.p_sample_loop(linear_model, x_T, key=jax.random.key(0), clip_denoised="False")
+
+
 # Labels and guidance.
 
 

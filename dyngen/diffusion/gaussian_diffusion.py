@@ -77,6 +77,18 @@ def _check_same_shape(name, value, reference_name, reference):
                      "(one value per element; it is not broadcast)")
 
 
+def _check_bool(name, value):
+  # A string such as "False" is truthy: it would silently switch the option on.
+  if not isinstance(value, (bool, np.bool_)):
+    raise ValueError(f"{name} must be a bool, got {value!r} ({type(value).__name__})")
+
+
+def _check_eta(eta):
+  # DDIM's σ = η·σ_posterior: above 1 the step's sqrt(1 − ᾱ_prev − σ²) goes negative near t = 0 and gives NaN.
+  if isinstance(eta, (int, float, np.number)) and not isinstance(eta, bool) and not 0 <= eta <= 1:
+    raise ValueError(f"eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like noise), got {eta!r}")
+
+
 def _mean_flat(x):
   """Mean over every axis but the batch axis: (B, ...) -> (B,)."""
   return jnp.mean(x, axis=tuple(range(1, x.ndim)))
@@ -375,6 +387,7 @@ class GaussianDiffusion:
 
     Returns: (sample, pred_xstart), both (B, H, W, C).
     """
+    _check_eta(eta)
     if noise is None and not (isinstance(eta, (int, float)) and eta == 0):
       raise ValueError(f"ddim_sample with eta={eta!r} adds noise: pass `noise` (B, H, W, C)")
     if noise is not None:
@@ -437,6 +450,7 @@ class GaussianDiffusion:
 
     Returns: x_0 (B, H, W, C), or (x_0, Trajectory) with return_trajectory.
     """
+    _check_bool("clip_denoised", clip_denoised)
     step = lambda x, index, noise: self.p_sample(model_fn, x, index, noise, clip_denoised)
     return self._sample_loop(step, x_T, key, step_noise, True, return_trajectory)
 
@@ -447,6 +461,8 @@ class GaussianDiffusion:
     Same arguments as `p_sample_loop`, plus eta (a Python number, or an array if noise is given). With eta == 0
     the loop is deterministic: key and step_noise are not needed, and ignored (no noise is drawn).
     """
+    _check_bool("clip_denoised", clip_denoised)
+    _check_eta(eta)
     deterministic = isinstance(eta, (int, float)) and eta == 0
     if deterministic:
       key = step_noise = None
@@ -480,9 +496,7 @@ def create_diffusion(timestep_respacing: str | Sequence[int] | None = "", noise_
   flags = dict(use_kl=use_kl, sigma_small=sigma_small, predict_xstart=predict_xstart, learn_sigma=learn_sigma,
                rescale_learned_sigmas=rescale_learned_sigmas)
   for name, value in flags.items():
-    # A string such as "False" is truthy: it would silently switch the option on.
-    if not isinstance(value, (bool, np.bool_)):
-      raise ValueError(f"{name} must be a bool, got {value!r} ({type(value).__name__})")
+    _check_bool(name, value)
   base_betas = schedules.named_beta_schedule(noise_schedule, diffusion_steps)
   kept = schedules.space_timesteps(diffusion_steps, timestep_respacing)
   if use_kl:
