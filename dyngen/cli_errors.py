@@ -19,6 +19,7 @@ Set DYNGEN_TRACEBACK=1 to see the traceback of a user error as well.
 """
 import difflib
 import os
+import pathlib
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -42,6 +43,7 @@ USER_ERROR_CLASSES = frozenset({
     "absl.app.UsageError",
 })
 _OWN_PACKAGES = ("dyngen", "pallas_kernels")
+_OWN_ROOTS = tuple(pathlib.Path(__file__).resolve().parents[1] / name for name in _OWN_PACKAGES)
 _HELP_FLAGS = ("--help", "-help", "--helpshort", "-helpshort", "--helpfull", "-helpfull", "--helpxml", "-helpxml",
                "-?", "-h")
 
@@ -64,7 +66,11 @@ def is_user_error(error: BaseException) -> bool:
   while tb.tb_next is not None:
     tb = tb.tb_next
   module = tb.tb_frame.f_globals.get("__name__", "")
-  return module.split(".")[0] in _OWN_PACKAGES
+  if module.split(".")[0] in _OWN_PACKAGES:
+    return True
+  # A module run with `python -m dyngen.x` is named __main__: recognise it by its file.
+  path = pathlib.Path(tb.tb_frame.f_code.co_filename).resolve()
+  return any(root in path.parents for root in _OWN_ROOTS)
 
 
 def one_line(message: str) -> str:

@@ -365,6 +365,11 @@ def test_what_counts_as_a_user_error():
   assert not cli_errors.is_user_error(raised(lambda: np.zeros(3).reshape(2, 2)))  # inside numpy
   assert cli_errors.is_user_error(checkpoint.CorruptCheckpointError("x"))  # a listed class, wherever raised
   assert not cli_errors.is_user_error(RuntimeError("x")) and not cli_errors.is_user_error(KeyError("x"))
+  # A dyngen module run as `python -m dyngen.<name>` is named __main__: its raise sites count by their file.
+  namespace = {"__name__": "__main__"}
+  exec(compile("def check():\n  raise ValueError('bad value')\n", str(REPO_ROOT / "dyngen" / "main.py"), "exec"),
+       namespace)  # pylint: disable=exec-used
+  assert cli_errors.is_user_error(raised(namespace["check"]))
 
 
 # Documented recipes run as written.
