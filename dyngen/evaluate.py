@@ -137,7 +137,6 @@ def metrics_table(metrics):
 
 def evaluate(samples_path, reference_path, inception_path):
   """FID, sFID, IS, precision and recall of `samples_path` against `reference_path` (see module docstring)."""
-  from dyngen.evaluation import adm_metrics, inception_weights  # pylint: disable=g-import-not-at-top
   for what, path in (("samples", samples_path), ("reference", reference_path)):
     if not os.path.isfile(path):
       raise cli_errors.UserError(f"--{what}={path}: no such file")
@@ -148,6 +147,8 @@ def evaluate(samples_path, reference_path, inception_path):
   reference_images = NpzImages(reference_path) if (_has_images(reference_path) or not statistics) else None
   if len(samples) < 2:
     raise cli_errors.UserError(f"{samples_path}: {len(samples)} image(s); FID needs at least 2")
+  # JAX and the network only now: the checks above answer within a second.
+  from dyngen.evaluation import adm_metrics, inception_weights  # pylint: disable=g-import-not-at-top
   net = inception_weights.load_inception(inception_path)
   if len(samples) < ADM_NUM_SAMPLES:
     print(f"note: {len(samples)} samples; ADM's protocol uses {ADM_NUM_SAMPLES} (FID is biased upwards for "
