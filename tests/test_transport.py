@@ -89,12 +89,15 @@ def test_ode_endpoint_matches_the_exact_flow_map(start, path_type, prediction):
     t0, t1 = transport.interval(eval=True)
     want = exact_flow(path_type, start, np.float32(t0), np.float32(t1))  # the grid's float32 end points
     model_fn = exact_model(path_type, prediction)
+    # The three predictions give the same field (to rounding), so the order is measured on velocity only.
+    step_counts = (100, 200) if prediction == "velocity" else (200,)
     errors = [np.abs(np.asarray(transport.sample_ode(model_fn, jnp.asarray(start), "heun2", num_steps=steps + 1))
-                     - want).max() for steps in (100, 200)]
+                     - want).max() for steps in step_counts]
   # Measured at 200 steps: Linear 2.4e-5, GVP 5.7e-5, VP 2.1e-4 (its β_t is largest near t = 0), and a ratio of
-  # 3.94 to 3.96 between 100 and 200 steps for each (the same for the three predictions: the same field).
-  assert errors[1] < {"Linear": 5e-5, "GVP": 1e-4, "VP": 4e-4}[path_type]
-  assert 3.6 < errors[0] / errors[1] < 4.4
+  # 3.94 to 3.96 between 100 and 200 steps.
+  assert errors[-1] < {"Linear": 5e-5, "GVP": 1e-4, "VP": 4e-4}[path_type]
+  if len(errors) == 2:
+    assert 3.6 < errors[0] / errors[1] < 4.4
 
 
 @pytest.mark.parametrize("method,order", [("euler", 1), ("heun2", 2)])
@@ -180,11 +183,10 @@ def test_sde_key_noise_is_fold_in_per_step():
   x_T = jax.random.normal(jax.random.key(3), (4, 1, 1, 3))
   key = jax.random.key(4)
   noise = jnp.stack([jax.random.normal(jax.random.fold_in(key, k), x_T.shape) for k in range(9)])
-  for method in ("Euler", "Heun"):
-    by_key = transport.sample_sde(model_fn, x_T, method, num_steps=10, key=key)
-    given = transport.sample_sde(model_fn, x_T, method, num_steps=10, step_noise=noise)
-    # The same noise up to XLA's fusion of a generated vs a given array (one float32 ulp).
-    np.testing.assert_allclose(by_key, given, rtol=1e-6, atol=1e-6)
+  by_key = transport.sample_sde(model_fn, x_T, num_steps=10, key=key)
+  given = transport.sample_sde(model_fn, x_T, num_steps=10, step_noise=noise)
+  # The same noise up to XLA's fusion of a generated vs a given array (one float32 ulp).
+  np.testing.assert_allclose(by_key, given, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("sampler", ["euler", "heun2", "sde"])
@@ -382,12 +384,12 @@ def test_guidance_interval():
   y = jnp.array([3, 5, 10, 10])
   x = jax.random.normal(jax.random.key(0), (4, 2, 2, 4))
   x = jnp.concatenate([x[:2], x[:2]])
-  model_fn = interval_guided_model_fn(apply_fn, y, 4.0, guidance_interval=(0.3, 0.7))
+  model_fn = jax.jit(interval_guided_model_fn(apply_fn, y, 4.0, guidance_interval=(0.3, 0.7)))  # t traced
   for time, inside in ((0.3, True), (0.5, True), (0.7, True), (0.29, False), (0.9, False)):
     t = jnp.full((4,), time)  # every sampler gives all rows the same t
     out = model_fn(x, t)
     guided = guided_model_fn(apply_fn, y, 4.0 if inside else 1.0)(x, t)
-    np.testing.assert_allclose(out, guided, rtol=1e-6, err_msg=str(time))
+    np.testing.assert_allclose(out, guided, rtol=1e-6, atol=1e-5, err_msg=str(time))  # jit vs eager: ulps of ~30
   conditional = apply_fn(x, t, y)  # outside: the guided channels of both halves are the conditional rows'
   np.testing.assert_allclose(out[2:, ..., :3], conditional[:2, ..., :3], rtol=1e-6)
   np.testing.assert_allclose(out[2:, ..., 3], conditional[2:, ..., 3], rtol=1e-6)  # the 4th channel: own row

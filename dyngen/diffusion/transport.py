@@ -135,7 +135,8 @@ class Transport:
 
   # Time intervals.
 
-  def interval(self, *, sde=False, eval=False, reverse=False, diffusion_form="SBDM", last_step_size=0.0):  # pylint: disable=redefined-builtin
+  # pylint: disable-next=redefined-builtin
+  def interval(self, *, sde=False, eval=False, reverse=False, diffusion_form="SBDM", last_step_size=0.0):
     """(t0, t1) of training (eval=False) or of a sampler (eval=True), SiT's `check_interval` as Python floats.
 
     VP: [0, 1 − eps] (or [0, 1 − last_step_size] for an SDE with a last step). Linear / GVP with velocity:
