@@ -182,7 +182,7 @@ def test_sde_key_noise_is_fold_in_per_step():
   model_fn = exact_model("GVP", "velocity")
   x_T = jax.random.normal(jax.random.key(3), (4, 1, 1, 3))
   key = jax.random.key(4)
-  noise = jnp.stack([jax.random.normal(jax.random.fold_in(key, k), x_T.shape) for k in range(9)])
+  noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(key, k), x_T.shape))(jnp.arange(9))
   by_key = transport.sample_sde(model_fn, x_T, num_steps=10, key=key)
   given = transport.sample_sde(model_fn, x_T, num_steps=10, step_noise=noise)
   # The same noise up to XLA's fusion of a generated vs a given array (one float32 ulp).
