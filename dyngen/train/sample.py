@@ -13,9 +13,15 @@ In a notebook, after `config, ema_params = dyngen.checkpoint.load_for_inference(
 The starting noise of chunk i is drawn from `fold_in(key(seed), i)` at the chunk's global shape, so
 the samples do not depend on the number of devices. As DiT's sample.py: the guided batch is
 [z; z] with labels [y; null], and only the conditional half is kept.
+
+A DyDiT samples on the fast path by default (`dyngen.train.routing_plan`: gathered heads and MLP groups,
+a token capacity, one compiled program per capacity signature); `config.sample.routing = "masked"` runs the
+masked reference (`routed_sample_loop`). Both record the achieved FLOPs ratio (`Sampler.routing_summary`).
 """
 import math
+import time
 
+from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -27,6 +33,7 @@ from PIL import Image
 from dyngen import diffusion as diffusion_lib
 from dyngen import models
 from dyngen import sharding
+from dyngen.train import routing_plan
 
 
 def sampling_diffusion(diffusion_config, sample_config, learn_sigma: bool):
@@ -62,14 +69,47 @@ class Sampler:
     self._compiled = {}
     # Per sampling call, a routed model's per-step statistics ({"flops_ratio": (S,)}); see `routing_summary`.
     self.routing_stats = []
+    # DyDiT: the fast path (default) or the masked reference, and the fast path's knobs.
+    routing, self.routing_options = routing_plan.options_for(sample_config)
+    self.fast = routing_plan.is_dydit(model) and routing == "fast"
+    self.fast_sampler = None
+    if self.fast:
+      replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+      self.fast_sampler = routing_plan.FastSampler(model, self.diffusion, sample_config,
+                                                   param_shardings=param_shardings,
+                                                   batch_sharding=self.batch_sharding, replicated=replicated)
+    self.last_plan = None  # The fast path's plan of the latest call.
+    self.calibration_seconds = 0.0
+    self._token_counts = None  # Calibrated token counts per guidance setting, within one `generate`.
 
   def routing_summary(self) -> dict:
-    """Mean achieved FLOPs ratio over the sampling schedule and the calls so far ({} for dense models)."""
+    """Mean achieved FLOPs ratio over the sampling schedule and the calls so far ({} for dense models).
+
+    On the fast path also (numbers only, for scalar writers): flops_ratio_executed (padding units and every
+    selected token counted as computed; flops_ratio counts what the masks kept, as the masked path),
+    token_cut_fraction (wanted tokens the capacity cut / wanted), token_unwanted_run_fraction (selected
+    tokens the router did not want / selected), programs_compiled, compile_seconds, calibration_seconds,
+    segments and min / max steps_per_segment of the latest plan.
+    """
     if not self.routing_stats or not self.routing_stats[0]:
       return {}
     per_step = np.mean([stats["flops_ratio"] for stats in self.routing_stats], axis=0)
-    return {"flops_ratio": float(np.mean(per_step)), "flops_ratio_first_step": float(per_step[0]),
-            "flops_ratio_last_step": float(per_step[-1]), "sampling_batches": len(self.routing_stats)}
+    summary = {"flops_ratio": float(np.mean(per_step)), "flops_ratio_first_step": float(per_step[0]),
+               "flops_ratio_last_step": float(per_step[-1]), "sampling_batches": len(self.routing_stats)}
+    if "kept" in self.routing_stats[0]:
+      total = {name: float(sum(np.sum(stats[name]) for stats in self.routing_stats))
+               for name in ("wanted", "kept", "unwanted_run")}
+      executed = np.mean([stats["flops_ratio_executed"] for stats in self.routing_stats], axis=0)
+      lengths = [segment.stop - segment.start for segment in self.last_plan.segments]
+      summary.update(
+          routing_fast=1, flops_ratio_executed=float(np.mean(executed)),
+          tokens_cut=total["wanted"] - total["kept"], tokens_unwanted_run=total["unwanted_run"],
+          token_cut_fraction=(total["wanted"] - total["kept"]) / max(total["wanted"], 1.0),
+          token_unwanted_run_fraction=total["unwanted_run"] / max(total["kept"] + total["unwanted_run"], 1.0),
+          programs_compiled=self.fast_sampler.programs_compiled, compile_seconds=self.fast_sampler.compile_seconds,
+          calibration_seconds=self.calibration_seconds, segments=len(lengths),
+          min_steps_per_segment=min(lengths), max_steps_per_segment=max(lengths))
+    return summary
 
   def _sample_fn(self, guided: bool):
     config = self.sample_config
@@ -115,13 +155,61 @@ class Sampler:
           out_shardings=(self.batch_sharding, replicated))
     return self._compiled[guided]
 
+  def _start_fn(self, guided: bool):
+    """The fast path's start, as `_sample_fn`'s: (labels, key) -> (x_T, y, loop key) of the batch as run."""
+    if ("start", guided) not in self._compiled:
+      model = self.model
+
+      def start(labels, key):
+        noise_key, loop_key = jax.random.split(key)
+        shape = (labels.shape[0], model.input_size, model.input_size, model.in_channels)
+        x_T = jax.random.normal(noise_key, shape, jnp.float32)
+        y = labels
+        if guided:
+          x_T = jnp.concatenate([x_T, x_T], axis=0)
+          y = jnp.concatenate([labels, jnp.full_like(labels, model.num_classes)], axis=0)
+        return x_T, y, loop_key
+
+      replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+      self._compiled[("start", guided)] = jax.jit(start, out_shardings=(self.batch_sharding, self.batch_sharding,
+                                                                       replicated))
+    return self._compiled[("start", guided)]
+
+  def plan(self, params, *, token_counts=None) -> routing_plan.SamplingPlan:
+    """The fast path's plan of this sampler's schedule for `params` (token_counts: see `make_plan`)."""
+    return routing_plan.make_plan(self.model, params, self.diffusion.timestep_map, self.routing_options,
+                                  token_counts=token_counts)
+
+  def _sample_batch_fast(self, params, global_labels, key, cfg_scale):
+    guided = cfg_scale != 1.0
+    x_T, y, loop_key = self._start_fn(guided)(global_labels, key)
+    token_counts = None
+    if self.routing_options.calibrate_tokens:
+      token_counts = (self._token_counts or {}).get(guided)
+      if token_counts is None:
+        start = time.perf_counter()
+        token_counts = routing_plan.calibrate_token_counts(self.diffusion, self.model, params, x_T, y, cfg_scale,
+                                                           loop_key, self.sample_config)
+        self.calibration_seconds += time.perf_counter() - start
+        if self._token_counts is not None:
+          self._token_counts[guided] = token_counts
+    self.last_plan = self.plan(params, token_counts=token_counts)
+    out, stats = self.fast_sampler.run(params, self.last_plan, x_T, y, cfg_scale, loop_key)
+    return out[:global_labels.shape[0]], stats
+
   def sample_batch(self, params, labels: np.ndarray, key: jax.Array, cfg_scale: float) -> np.ndarray:
-    """One call: labels (B,) with B the sampling batch -> float32 images (B, H, W, C) in model space."""
+    """One call: labels (B,) with B the sampling batch -> float32 images (B, H, W, C) in model space.
+
+    On the fast path with calibrated token capacities, a call outside `generate` calibrates on its own batch.
+    """
     labels = np.asarray(labels, np.int32)
     global_labels = jax.make_array_from_callback(labels.shape, self.batch_sharding, lambda index: labels[index])
     guided = cfg_scale != 1.0
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-      images, stats = self._compiled_fn(guided)(params, global_labels, key, jnp.float32(cfg_scale))
+      if self.fast:
+        images, stats = self._sample_batch_fast(params, global_labels, key, cfg_scale)
+      else:
+        images, stats = self._compiled_fn(guided)(params, global_labels, key, jnp.float32(cfg_scale))
     self.routing_stats.append(jax.device_get(stats))
     if jax.process_count() > 1:
       return np.asarray(multihost_utils.process_allgather(images, tiled=True))
@@ -132,16 +220,29 @@ class Sampler:
     """uint8 images (N, H, W, C) for `labels` (N,), in chunks of `batch_size` (default sample.batch_size).
 
     The last chunk is padded with class 0 to the full batch (one compiled program) and the padding dropped.
+    A DyDiT on the fast path with calibrated token capacities calibrates on the first chunk, for all chunks.
     """
     labels = np.asarray(labels, np.int32)
     batch_size = batch_size or self.sample_config.batch_size
     base_key = jax.random.PRNGKey(seed)
     chunks = []
-    for index, start in enumerate(range(0, len(labels), batch_size)):
-      chunk = labels[start:start + batch_size]
-      padded = np.pad(chunk, (0, batch_size - len(chunk)))
-      images = self.sample_batch(params, padded, jax.random.fold_in(base_key, index), cfg_scale)
-      chunks.append(to_uint8(images[:len(chunk)]))
+    self._token_counts = {}
+    try:
+      for index, start in enumerate(range(0, len(labels), batch_size)):
+        chunk = labels[start:start + batch_size]
+        padded = np.pad(chunk, (0, batch_size - len(chunk)))
+        images = self.sample_batch(params, padded, jax.random.fold_in(base_key, index), cfg_scale)
+        chunks.append(to_uint8(images[:len(chunk)]))
+    finally:
+      self._token_counts = None
+    if self.fast:
+      summary = self.routing_summary()
+      logging.info("DyDiT fast path: FLOPs ratio %.4f kept by the masks, %.4f executed (padding included); "
+                   "%d wanted tokens cut by the capacity (%.3g%%), %d unwanted tokens run; %d program(s) compiled "
+                   "(%.1f s), %d segment(s) of %s steps.", summary["flops_ratio"], summary["flops_ratio_executed"],
+                   summary["tokens_cut"], 100 * summary["token_cut_fraction"], summary["tokens_unwanted_run"],
+                   summary["programs_compiled"], summary["compile_seconds"], summary["segments"],
+                   self.last_plan.summary()["steps_per_segment"])
     return np.concatenate(chunks, axis=0)
 
 

@@ -1,0 +1,430 @@
+"""DyDiT's fast sampling: a plan of what every step runs, known before sampling, and the programs that run it.
+
+Width. DyDiT's head and MLP-group routers read the timestep embedding alone, and every row of a sampling
+step (conditional and null halves) shares t, so the active units of every block at every step follow from
+the schedule (`timestep_map`) and the routers. `make_plan`:
+  1. computes, per step and block, the router logits and eval decisions (`dydit.binarize`, unit 0 always
+     on) and applies the width cap (at most ceil(width_cap * H) units, the top by logit);
+  2. rounds each active count up to a capacity, one of ceil(j * H / capacity_buckets), j = 1..buckets (the
+     extra units are real units with mask 0: they run and add nothing);
+  3. per block a token capacity: ceil(token_capacity * N), or, calibrated (`calibrate_token_counts`), the
+     most tokens the router wanted at that step and block on a calibration batch, rounded up to a multiple
+     of ceil(N / token_buckets) and at most ceil(token_capacity * N);
+  4. a step's signature is its (heads, groups, tokens) per block; consecutive steps of one signature form a
+     segment. More than `max_programs` segments are merged, adjacent ones, into at most `max_programs`,
+     the partition that adds the fewest executed FLOPs (dynamic programming; a merged segment runs at the
+     elementwise largest capacities of its steps).
+`FastSampler` compiles one program per distinct signature (and batch shape, guidance on/off): a
+`fori_loop` over the steps [lo, hi) of a segment, whose head / group indices and masks are inputs indexed
+by step, so a program depends on its capacities alone and serves every segment of that signature. A step's
+noise is drawn from the k-th of `split(key, S)` (as `GaussianDiffusion.p_sample_loop` and the masked
+`routed_sample_loop`), whatever the segmentation. Programs compiled <= distinct signatures <= segments <=
+max_programs, per batch shape and guidance setting.
+"""
+import dataclasses
+import math
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dyngen import diffusion as diffusion_lib
+from dyngen.models import dydit
+from dyngen.models import dydit_fast
+from dyngen.models import flops
+from dyngen.models import layers
+
+ROUTING_MODES = ("fast", "masked")
+
+
+def check_fraction(name, value):
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+    raise ValueError(f"{name}={value!r} must be in (0, 1]: the fraction of the trained units / tokens to keep "
+                     "at most (1 = all the router wants)")
+
+
+def check_positive_int(name, value):
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    raise ValueError(f"{name}={value!r} must be a positive int")
+
+
+@dataclasses.dataclass(frozen=True)
+class RoutingOptions:
+  """The fast path's knobs (config.sample fields of the same names).
+
+  width_cap: at most ceil(width_cap * H) heads and as many MLP groups per block and step (the top by router
+    logit); token_capacity: at most ceil(token_capacity * N) tokens per block through the MLP (the top by
+    token-router logit); calibrate_tokens: the capacity per step and block from the router's wanted counts on
+    a calibration batch (at most the above), else exactly ceil(token_capacity * N); capacity_buckets: head /
+    group counts are rounded up to ceil(j * H / capacity_buckets); token_buckets: calibrated token counts to
+    multiples of ceil(N / token_buckets); max_programs: the most segments (hence compiled programs) per
+    batch shape and guidance setting.
+  """
+  width_cap: float = 1.0
+  token_capacity: float = 1.0
+  calibrate_tokens: bool = True
+  capacity_buckets: int = 4
+  token_buckets: int = 16
+  max_programs: int = 8
+
+  def __post_init__(self):
+    check_fraction("width_cap", self.width_cap)
+    check_fraction("token_capacity", self.token_capacity)
+    for name in ("capacity_buckets", "token_buckets", "max_programs"):
+      check_positive_int(name, getattr(self, name))
+
+  @classmethod
+  def from_sample_config(cls, sample_config):
+    defaults = cls()
+    fields = {f.name: sample_config.get(f.name, getattr(defaults, f.name)) for f in dataclasses.fields(cls)}
+    try:
+      return cls(**fields)
+    except ValueError as e:
+      raise ValueError(f"config.sample.{e}") from None
+
+
+def bucket_capacities(total, buckets):
+  """The capacities ceil(j * total / buckets), j = 1..buckets (distinct, increasing; the last is total)."""
+  return np.unique([math.ceil(j * total / min(buckets, total)) for j in range(1, min(buckets, total) + 1)])
+
+
+def round_up(counts, capacities):
+  """Each count -> the smallest capacity >= it (counts <= capacities[-1])."""
+  return capacities[np.searchsorted(capacities, counts, side="left")]
+
+
+def width_logits(model: dydit.Model, params, t):
+  """Head and MLP-group router logits (S, L, H) for timesteps t (S,), unit 0 as +inf (always on).
+
+  The routers' own computation (as `dydit.width_masks`), logits kept for ranking under a width cap.
+  """
+  dtype = model.compute_dtype
+  t_emb = layers.TimestepEmbedder(model.hidden_size, dtype=dtype).apply({"params": params["t_embedder"]},
+                                                                         jnp.asarray(t))
+  out = {}
+  for name in ("head_router", "mlp_router"):
+    per_block = []
+    for index in range(model.depth):
+      router = (jax.tree.map(lambda p: p[index], params["blocks"][name]) if "blocks" in params
+                else params[f"blocks_{index}"][name])
+      per_block.append(t_emb @ router["kernel"].astype(dtype) + router["bias"].astype(dtype))
+    logits = jnp.stack(per_block, axis=1)
+    out[name] = jnp.concatenate([jnp.full(logits.shape[:-1] + (1,), jnp.inf, logits.dtype), logits], axis=-1)
+  return out["head_router"], out["mlp_router"]
+
+
+def _capped_active(logits, model, cap_count):
+  """(S, L, H) logits -> (S, L, H) bool: the router's eval decisions, at most cap_count per block (top by logit)."""
+  active = np.asarray(dydit.binarize(jnp.asarray(logits), train=False, tau=model.router_tau,
+                                     threshold=model.router_threshold)) > 0
+  active[..., 0] = True
+  rank = np.argsort(np.argsort(-np.where(active, logits, -np.inf), axis=-1, kind="stable"), axis=-1, kind="stable")
+  return active & (rank < cap_count)
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+  """Steps [start, stop) in run order (step k runs the diffusion's index S-1-k) on one signature."""
+  start: int
+  stop: int
+  signature: tuple[dydit_fast.BlockCapacity, ...]
+
+
+@dataclasses.dataclass
+class SamplingPlan:
+  """What every step of a schedule runs. S steps in run order, L blocks, H heads (= MLP groups), N tokens.
+
+  timesteps (S,): the model's t per step; head_active, group_active (S, L, H) bool (after the width cap);
+  head_logits, group_logits (S, L, H) (unit 0 +inf); capacities (S, L, 3) int: the (heads, groups, tokens)
+  each step runs at (after merging); segments: the steps of each program call.
+  """
+  timesteps: np.ndarray
+  head_active: np.ndarray
+  group_active: np.ndarray
+  head_logits: np.ndarray
+  group_logits: np.ndarray
+  capacities: np.ndarray
+  segments: list[Segment]
+  num_tokens: int
+  unit_macs: flops.UnitMacs
+
+  @property
+  def num_steps(self):
+    return len(self.timesteps)
+
+  @property
+  def signatures(self):
+    """The distinct signatures, in order of first use: one compiled program each."""
+    return list(dict.fromkeys(segment.signature for segment in self.segments))
+
+  def split_every_step(self) -> "SamplingPlan":
+    """The same plan with every step its own segment (same signatures: the samples must not change)."""
+    segments = [Segment(k, k + 1, s.signature) for s in self.segments for k in range(s.start, s.stop)]
+    return dataclasses.replace(self, segments=segments)
+
+  def block_plans(self, signature):
+    """Per block a `BlockPlan` of arrays with a leading step axis (S, capacity) for the program of
+    `signature`: its steps hold their units (the active ones, then padding units with mask 0, by logit);
+    other steps hold the units 0.. (never read)."""
+    steps = np.array([k for s in self.segments if s.signature == signature for k in range(s.start, s.stop)])
+    plans = []
+    for index, (heads, groups, _) in enumerate(signature):
+      fields = []
+      for active, logits, count in ((self.head_active, self.head_logits, heads),
+                                    (self.group_active, self.group_logits, groups)):
+        units = np.tile(np.arange(count, dtype=np.int32), (self.num_steps, 1))
+        mask = np.zeros((self.num_steps, count), np.float32)
+        on, score = active[steps, index], logits[steps, index]
+        # Active units first (highest logit first), then the inactive ones by logit: the first `count`.
+        order = np.lexsort((-np.nan_to_num(score, posinf=1e30), ~on), axis=-1)[:, :count]
+        chosen = np.sort(order, axis=-1)
+        units[steps] = chosen
+        mask[steps] = np.take_along_axis(on, chosen, axis=-1)
+        fields += [jnp.asarray(units), jnp.asarray(mask)]
+      plans.append(dydit_fast.BlockPlan(*fields))
+    return plans
+
+  def executed_flops_ratio(self):
+    """(S,) the FLOPs ratio of what each step computes: every gathered unit (padding included) and every
+    selected token (those the router did not want included) counted as computed."""
+    heads = self.head_active.shape[-1]
+    a, m = self.unit_macs.attention, self.unit_macs.mlp
+    cap = self.capacities.astype(np.float64)
+    per_block = cap[..., 0] / heads * a + cap[..., 1] / heads * cap[..., 2] / self.num_tokens * m
+    return per_block.mean(axis=-1) / (a + m)
+
+  def summary(self) -> dict:
+    return dict(segments=len(self.segments), programs=len(self.signatures),
+                steps_per_segment=[s.stop - s.start for s in self.segments])
+
+
+def _signature(capacities_of_step):
+  return tuple(tuple(int(c) for c in block) for block in capacities_of_step)
+
+
+def _segment_cost(capacities, heads, tokens, unit_macs):
+  """Executed MACs per row of steps at capacities (..., L, 3), summed over the blocks."""
+  cap = capacities.astype(np.float64)
+  return np.sum(cap[..., 0] / heads * unit_macs.attention
+                + cap[..., 1] / heads * cap[..., 2] / tokens * unit_macs.mlp, axis=-1)
+
+
+def merge_segments(runs, capacities, max_segments, heads, tokens, unit_macs):
+  """Partition the runs [(start, stop)] of equal per-step capacities (S, L, 3) into <= max_segments
+  contiguous groups of least executed MACs; each group runs at the elementwise max of its steps'.
+  Returns [(start, stop, group capacities (L, 3))]."""
+  n = len(runs)
+  run_caps = np.stack([capacities[start] for start, _ in runs])
+  lengths = np.array([stop - start for start, stop in runs])
+  if n <= max_segments:
+    return [(start, stop, run_caps[i]) for i, (start, stop) in enumerate(runs)]
+  # cost[i, j]: runs i..j as one segment.
+  cost = np.full((n, n), np.inf)
+  for i in range(n):
+    running = np.maximum.accumulate(run_caps[i:], axis=0)
+    cost[i, i:] = _segment_cost(running, heads, tokens, unit_macs) * np.cumsum(lengths[i:])
+  best = np.full((max_segments + 1, n + 1), np.inf)
+  best[0, 0] = 0.0
+  choice = np.zeros((max_segments + 1, n + 1), int)
+  for m in range(1, max_segments + 1):
+    for j in range(1, n + 1):
+      candidates = best[m - 1, :j] + cost[np.arange(j), j - 1]
+      choice[m, j] = int(np.argmin(candidates))
+      best[m, j] = candidates[choice[m, j]]
+  m = int(np.argmin(best[:, n]))
+  bounds, j = [], n
+  while j > 0:
+    i = choice[m, j]
+    bounds.append((i, j))
+    j, m = i, m - 1
+  merged = []
+  for i, j in reversed(bounds):
+    merged.append((runs[i][0], runs[j - 1][1], run_caps[i:j].max(axis=0)))
+  return merged
+
+
+def make_plan(model: dydit.Model, params, timestep_map, options: RoutingOptions, token_counts=None):
+  """The plan of a schedule. timestep_map: (S,) the respaced diffusion's original timesteps (index order;
+  the steps run from the last); token_counts: (S, L) in run order, the calibrated wanted tokens per step and
+  block (`calibrate_token_counts`), used when options.calibrate_tokens (required then)."""
+  heads, tokens = model.num_heads, model.num_tokens
+  timesteps = np.asarray(timestep_map, np.int32)[::-1].copy()
+  head_logits, group_logits = (np.asarray(jax.device_get(v), np.float64) for v in width_logits(model, params, timesteps))
+  width_count = math.ceil(options.width_cap * heads - 1e-9)
+  head_active = _capped_active(head_logits, model, width_count)
+  group_active = _capped_active(group_logits, model, width_count)
+  unit_caps = bucket_capacities(heads, options.capacity_buckets)
+  token_limit = math.ceil(options.token_capacity * tokens - 1e-9)
+  shape = head_active.shape[:2]
+  if options.calibrate_tokens:
+    if token_counts is None:
+      raise ValueError("options.calibrate_tokens needs the calibrated token_counts (S, L): see "
+                       "calibrate_token_counts, or set calibrate_tokens=False for a fixed capacity")
+    token_counts = np.asarray(token_counts)
+    if token_counts.shape != shape:
+      raise ValueError(f"token_counts has shape {token_counts.shape}, expected (steps, blocks) = {shape}")
+    step = math.ceil(tokens / options.token_buckets)
+    token_cap = np.minimum(np.maximum(step, -(-token_counts // step) * step), token_limit)
+    token_cap = np.minimum(np.maximum(token_cap, 1), tokens)
+  else:
+    token_cap = np.full(shape, token_limit)
+  capacities = np.stack([round_up(head_active.sum(-1), unit_caps), round_up(group_active.sum(-1), unit_caps),
+                         token_cap], axis=-1).astype(np.int64)
+  # Runs of equal signature, then merged down to the program budget.
+  runs, start = [], 0
+  for k in range(1, len(timesteps) + 1):
+    if k == len(timesteps) or not np.array_equal(capacities[k], capacities[start]):
+      runs.append((start, k))
+      start = k
+  unit_macs = flops.dydit_unit_macs(model)
+  merged = merge_segments(runs, capacities, options.max_programs, heads, tokens, unit_macs)
+  segments = []
+  for start, stop, caps in merged:
+    capacities[start:stop] = caps
+    segments.append(Segment(start, stop, _signature(caps)))
+  return SamplingPlan(timesteps, head_active, group_active, head_logits, group_logits, capacities, segments,
+                      tokens, unit_macs)
+
+
+def _step_fn(diffusion, sample_config):
+  ddim, eta = sample_config.sampler == "ddim", sample_config.eta
+  noisy = not ddim or eta != 0
+
+  def step(model_fn, x, index, step_key):
+    noise = jax.random.normal(step_key, x.shape, x.dtype) if noisy else None
+    if ddim:
+      sample, _ = diffusion.ddim_sample(model_fn, x, index, noise, sample_config.clip_denoised, eta)
+    else:
+      sample, _ = diffusion.p_sample(model_fn, x, index, noise, sample_config.clip_denoised)
+    return sample.astype(x.dtype)
+
+  return step
+
+
+def _model_fn_of(model, apply_fn, y, cfg_scale, guided, sample_config):
+  if guided:
+    return diffusion_lib.guided_model_fn(apply_fn, y, cfg_scale, sample_config.guidance_channels or None,
+                                         num_classes=model.num_classes)
+  return lambda x, t: apply_fn(x, t, y)
+
+
+def calibrate_token_counts(diffusion, model: dydit.Model, params, x_T, y, cfg_scale, key, sample_config):
+  """The masked model's sampling loop (x_T, y: the batch as run, guided halves included) -> (S, L) int:
+  per step (run order) and block, the most tokens any row's router wanted."""
+  guided = cfg_scale != 1.0
+  step = _step_fn(diffusion, sample_config)
+  num_steps = diffusion.num_timesteps
+
+  @jax.jit
+  def run(params, x_T, y, cfg_scale, key):
+    def body(x, scanned):
+      index, step_key = scanned
+      captured = {}
+
+      def apply_fn(x, t, y):
+        out, aux = model.apply({"params": params}, x, t, y, train=False)
+        captured["counts"] = jnp.max(jnp.sum(aux["token_mask"], axis=-1), axis=0)  # (L,)
+        return out
+
+      x = step(_model_fn_of(model, apply_fn, y, cfg_scale, guided, sample_config), x, index, step_key)
+      return x, captured["counts"]
+
+    indices = jnp.arange(num_steps - 1, -1, -1, dtype=jnp.int32)
+    return jax.lax.scan(body, x_T, (indices, jax.random.split(key, num_steps)))[1]
+
+  return np.asarray(jax.device_get(run(params, x_T, y, jnp.float32(cfg_scale), key))).round().astype(np.int64)
+
+
+STAT_NAMES = ("flops_ratio", "wanted", "kept", "unwanted_run")
+
+
+class FastSampler:
+  """Runs a `SamplingPlan` for a DyDiT: one compiled program per (signature, batch shape, guidance).
+
+  mesh / rules / shardings as `dyngen.train.sample.Sampler` (None: no sharding annotations).
+  """
+
+  def __init__(self, model: dydit.Model, diffusion, sample_config, *, param_shardings=None, batch_sharding=None,
+               replicated=None):
+    self.model, self.diffusion, self.sample_config = model, diffusion, sample_config
+    self.param_shardings, self.batch_sharding, self.replicated = param_shardings, batch_sharding, replicated
+    self._programs = {}
+    self.compile_seconds = 0.0
+
+  @property
+  def programs_compiled(self):
+    return len(self._programs)
+
+  def _program(self, signature, guided, args):
+    key = (signature, guided, args[1].shape)
+    if key not in self._programs:
+      model, sample_config = self.model, self.sample_config
+      step = _step_fn(self.diffusion, sample_config)
+      num_steps = self.diffusion.num_timesteps
+
+      def run(params, x, y, cfg_scale, lo, hi, keys, plans, stats):
+        """x: (B', H, W, C) the state before step lo; plans: per block (S, capacity) arrays; stats: {name: (S,)}."""
+        def body(k, carry):
+          x, stats = carry
+          block_plans = [jax.tree.map(lambda a: a[k], plan) for plan in plans]
+          captured = {}
+
+          def apply_fn(x, t, y):
+            out, step_stats = dydit_fast.forward(model, params, x, t, y, block_plans, signature)
+            captured.update({name: jnp.mean(value) if name == "flops_ratio" else jnp.sum(value)
+                             for name, value in step_stats.items()})
+            return out
+
+          x = step(_model_fn_of(model, apply_fn, y, cfg_scale, guided, sample_config), x, num_steps - 1 - k, keys[k])
+          stats = {name: stats[name].at[k].set(captured[name].astype(stats[name].dtype)) for name in stats}
+          return x, stats
+
+        return jax.lax.fori_loop(lo, hi, body, (x, stats))
+
+      shardings = {}
+      if self.batch_sharding is not None:
+        r = self.replicated
+        shardings = dict(in_shardings=(self.param_shardings, self.batch_sharding, self.batch_sharding, r, r, r, r, r, r),
+                         out_shardings=(self.batch_sharding, r))
+      start = time.perf_counter()
+      self._programs[key] = jax.jit(run, **shardings).lower(*args).compile()
+      self.compile_seconds += time.perf_counter() - start
+    return self._programs[key]
+
+  def run(self, params, plan: SamplingPlan, x_T, y, cfg_scale, key):
+    """x_T (B', H, W, C), y (B',): the batch as run (guided: [z; z] and [labels; null]); key: the loop key.
+
+    Returns (x_0 (B', H, W, C), per-step stats {name: (S,) numpy}: flops_ratio (mean over rows of what the
+    masks kept), wanted, kept, unwanted_run (token counts summed over rows and blocks), flops_ratio_executed).
+    """
+    guided = cfg_scale != 1.0
+    num_steps = self.diffusion.num_timesteps
+    if plan.num_steps != num_steps:
+      raise ValueError(f"the plan has {plan.num_steps} steps, the sampling diffusion {num_steps}")
+    keys = jax.random.split(key, num_steps)
+    stats_dtype = layers.at_least_float32(self.model.compute_dtype)
+    stats = {name: jnp.zeros((num_steps,), stats_dtype) for name in STAT_NAMES}
+    cfg = jnp.float32(cfg_scale)
+    plans_of = {signature: plan.block_plans(signature) for signature in plan.signatures}
+    x = x_T
+    for segment in plan.segments:
+      args = (params, x, y, cfg, jnp.int32(segment.start), jnp.int32(segment.stop), keys,
+              plans_of[segment.signature], stats)
+      x, stats = self._program(segment.signature, guided, args)(*args)
+    stats = {name: np.asarray(jax.device_get(value)) for name, value in stats.items()}
+    stats["flops_ratio_executed"] = plan.executed_flops_ratio()
+    return x, stats
+
+
+def options_for(sample_config):
+  """`RoutingOptions` of `config.sample`, and its routing mode ("fast" or "masked")."""
+  mode = sample_config.get("routing", "fast")
+  if mode not in ROUTING_MODES:
+    raise ValueError(f"config.sample.routing={mode!r} must be one of {ROUTING_MODES}")
+  return mode, RoutingOptions.from_sample_config(sample_config)
+
+
+def is_dydit(model: nn.Module) -> bool:
+  return isinstance(model, dydit.Model)
