@@ -189,6 +189,39 @@ class Downsample(nn.Module):
     return conv(x.shape[-1], 3, self.dtype, self.precision, "conv", strides=2, padding="VALID")(x)
 
 
+# Nearest-neighbour x2 then a 3x3 conv, computed on the low-resolution input: output row 2i reads input rows
+# (i-1, i, i) through kernel rows (0, 1, 2), row 2i+1 reads (i, i, i+1). PHASE_ROWS[a] sums the kernel rows
+# that read the same input row, giving a 2x2 kernel per output phase (a, b): 4 taps per output pixel, not 9.
+PHASE_ROWS = np.array([[[1, 0, 0], [0, 1, 1]], [[1, 1, 0], [0, 0, 1]]], np.float32)
+PHASE_PADDING = ((1, 0), (0, 1))  # phase 0 reads rows (i-1, i), phase 1 rows (i, i+1)
+
+
+class UpsampleConv(nn.Module):
+  """conv3x3(nearest_x2(x)) with nn.Conv's parameters (kernel (3, 3, C, out), bias), as 4 2x2 convs at low
+  resolution: x (B, H, W, C) -> (B, 2H, 2W, out). Same function as the direct form (the kernel taps are
+  summed before the products: float32 rounding differs by ~1e-7 relative), 2.25x fewer FLOPs."""
+  features: int
+  dtype: Dtype = jnp.float32
+  precision: Any = None
+
+  @nn.compact
+  def __call__(self, x):
+    batch, height, width, channels = x.shape
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, channels, self.features), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
+    phases = jnp.einsum("ary,bsx,yxio->abrsio", PHASE_ROWS.astype(kernel.dtype), PHASE_ROWS.astype(kernel.dtype),
+                        kernel).astype(self.dtype)
+    x = x.astype(self.dtype)
+    rows = []
+    for a in range(2):
+      row = [jax.lax.conv_general_dilated(x, phases[a, b], (1, 1), (PHASE_PADDING[a], PHASE_PADDING[b]),
+                                          dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=self.precision)
+             for b in range(2)]
+      rows.append(jnp.stack(row, axis=3))  # (B, H, W, 2 column phases, out)
+    out = jnp.stack(rows, axis=2).reshape(batch, 2 * height, 2 * width, self.features)  # interleave the phases
+    return out + bias.astype(self.dtype)
+
+
 class Upsample(nn.Module):
   """diffusers Upsample2D of the decoder: nearest-neighbour x2, then conv 3x3."""
   config: AutoencoderKLConfig
@@ -197,8 +230,7 @@ class Upsample(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-    return conv(x.shape[-1], 3, self.dtype, self.precision, "conv")(x)
+    return UpsampleConv(x.shape[-1], self.dtype, self.precision, name="conv")(x)
 
 
 class ResnetStack(nn.Module):
