@@ -115,6 +115,13 @@ def training_config() -> ml_collections.ConfigDict:
       checkpoint="",  # `--mode=sample`: a checkpoint path; "" = the newest in the workdir.
       grid_size=16,  # Images in the periodic training grids.
       grid_cfg_scale=4.0,  # DiT's setting for pictures.
+      # DyDiT sampling (docs/dydit_fast.md): "fast" runs the routed units only, "masked" the masked reference.
+      routing="fast",
+      width_cap=1.0,  # Fast path: at most this fraction of heads and of MLP groups per block and step, in (0, 1].
+      token_capacity=1.0,  # Fast path: at most this fraction of tokens per block through the MLP, in (0, 1].
+      calibrate_tokens=True,  # Fast path: token capacities from the router on the first batch (else the cap).
+      capacity_buckets=4,  # Fast path: head / group counts rounded up to multiples of H / capacity_buckets.
+      max_programs=8,  # Fast path: at most this many compiled programs (segments) per batch shape.
   ))
   # Sample-quality metrics: "" = none, "digits" = digits-classifier accuracy and Frechet distance.
   config.evaluation = ml_collections.ConfigDict(dict(metric="", num_samples=0, every_steps=0))

@@ -15,6 +15,7 @@ from dyngen import data as data_lib
 from dyngen import models
 from dyngen import sharding
 from dyngen.train import objectives
+from dyngen.train import routing_plan
 
 _INT, _FLOAT, _STR, _BOOL, _INTS, _STRS, _RULES = "int", "float", "str", "bool", "ints", "strs", "rules"
 
@@ -57,6 +58,12 @@ TRAINER_FIELDS = {
     "sample.checkpoint": _STR,
     "sample.grid_size": _INT,
     "sample.grid_cfg_scale": _FLOAT,
+    "sample.routing": _STR,
+    "sample.width_cap": _FLOAT,
+    "sample.token_capacity": _FLOAT,
+    "sample.calibrate_tokens": _BOOL,
+    "sample.capacity_buckets": _INT,
+    "sample.max_programs": _INT,
     "evaluation.metric": _STR,
     "evaluation.num_samples": _INT,
     "evaluation.every_steps": _INT,
@@ -181,6 +188,7 @@ def check_values(config) -> None:
   _require(config.latent.vae == "",
            f"config.latent.vae={config.latent.vae!r}: latent-space training is not available yet; set it to '' "
            "(pixel space).")
+  routing_plan.options_for(config.sample)  # DyDiT's fast-path knobs: routing mode, fractions in (0, 1].
   model = models.build(config.model)  # Checks the model's own fields and shapes.
   objectives.check_dynamic_config(config)
   _require(config.sample.guidance_channels <= model.in_channels,
