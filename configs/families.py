@@ -25,9 +25,12 @@ FAMILY_FIELDS = {
     "dit": dict(attention="auto", attention_chunk_size=1024),
     "dig": dict(gla_implementation="auto", gla_chunk_size=64),
     "dydit": dict(attention="auto", attention_chunk_size=1024, router_tau=5.0, router_threshold=0.5),
+    # 16 SwiGLU channel groups divide DiG's hidden at every size (1024, 2048, 2816, 3072).
+    "dydig": dict(gla_implementation="auto", gla_chunk_size=64, mlp_groups=16, router_tau=5.0,
+                  router_threshold=0.5),
 }
 # DiG-XL uses 18 heads so that every head keeps key dim 32 and value dim 64.
-FAMILY_HEADS = {("dig", "XL"): 18}
+FAMILY_HEADS = {("dig", "XL"): 18, ("dydig", "XL"): 18}
 
 
 def model_config(name, variant):
@@ -72,9 +75,10 @@ DYDIT_RECIPES = {
 DIT_XL_2_CHECKPOINT = "DiT-XL-2-256x256.pt"
 
 
-def dydit_experiment_config(arg, size):
+def dydit_experiment_config(arg, size, family="dydit"):
   """DyDiT fine-tuning on ImageNet 256x256; `arg` = 'XL/2', 'XL/2,ratio=0.7', 'XL/2,ratio=0.5,stage=2',
-  ',runlocal'. The warm start (`config.init_from`) is the DiT checkpoint of the same variant."""
+  ',runlocal'. The warm start (`config.init_from`) is the dense checkpoint of the same variant (DiT for
+  DyDiT; DiG for family "dydig", which takes DyDiT's recipe unchanged)."""
   arg = common.parse_arg(arg, variant=f"{size}/2", ratio=0.5, stage=1, runlocal=False)
   if arg.ratio not in DYDIT_RECIPES:
     raise ValueError(f"DyDiT recipes exist for ratio in {sorted(DYDIT_RECIPES)} (the paper's), got {arg.ratio}; "
@@ -82,9 +86,11 @@ def dydit_experiment_config(arg, size):
   recipe = DYDIT_RECIPES[arg.ratio]
   if arg.stage not in recipe["steps"]:
     raise ValueError(f"the ratio={arg.ratio} recipe has stage(s) {sorted(recipe['steps'])}, got stage={arg.stage}")
-  config = experiment_config("dydit", f"{arg.variant}", size)
+  config = experiment_config(family, f"{arg.variant}", size)
   config.seed = 16  # The official runs' --global-seed.
-  config.init_from = DIT_XL_2_CHECKPOINT if arg.variant == "XL/2" else f"DiT-{size}-{arg.variant[-1]}.pt"
+  dense = {"dydit": "DiT", "dydig": "DiG"}[family]
+  config.init_from = (DIT_XL_2_CHECKPOINT if (family, arg.variant) == ("dydit", "XL/2")
+                      else f"{dense}-{size}-{arg.variant[-1]}.pt")
   config.optimizer.learning_rate = recipe["learning_rate"]
   config.optimizer.skip_update_grad_norm = recipe["skip_update_grad_norm"]
   config.num_train_steps = recipe["steps"][arg.stage]
@@ -93,8 +99,10 @@ def dydit_experiment_config(arg, size):
   config.dynamic.update(dict(target_ratio=arg.ratio, warmup_steps=recipe["warmup_steps"],
                              complete_model_loss=arg.stage == 1))
   if arg.runlocal:
-    common.shrink_for_runlocal(config, depth=2)
+    common.shrink_for_runlocal(config, depth=4 if family == "dydig" else 2)
     config.latent.vae = ""
     config.init_from = ""  # A smoke run trains the routed model from scratch.
+    if family == "dydig":
+      config.model.mlp_groups = 4  # Of the smoke model's 256-wide SwiGLU hidden.
     config.dynamic.update(dict(hold_steps=2, warmup_steps=10))
   return config

@@ -49,7 +49,8 @@ class GatedLinearAttention(nn.Module):
                                kernel_init=layers.partitioned(init, ("embed", "heads", "kv")), name=name)(x)
 
   @nn.compact
-  def __call__(self, x, reverse=False):
+  def __call__(self, x, reverse=False, head_mask=None):
+    """`head_mask` (B, H) multiplies each head's gated output before o_proj (DyDiG's width routing)."""
     width = x.shape[-1]
     key_dim, value_dim = int(width * self.expand_k), int(width * self.expand_v)
     head_k, head_v = key_dim // self.num_heads, value_dim // self.num_heads
@@ -83,6 +84,8 @@ class GatedLinearAttention(nn.Module):
     o = o * jax.lax.rsqrt(jnp.mean(o ** 2, axis=-1, keepdims=True) + 1e-6)
     weight = self.param("g_norm_swish_gate", layers.partitioned(nn.initializers.ones_init(), ("kv",)), (head_v,))
     o = (o * weight * nn.silu(g.astype(stats_dtype))).astype(self.dtype)
+    if head_mask is not None:
+      o = o * head_mask[:, None, :, None].astype(o.dtype)
     return layers.DenseGeneral(
         width, num_contract=2, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32, name="o_proj",
         kernel_init=layers.partitioned(layers.xavier_uniform_fused(value_dim, width, GLA_INIT_GAIN),
@@ -95,13 +98,17 @@ class SwiGLU(nn.Module):
   dtype: layers.Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, group_mask=None):
+    """`group_mask` (B, G) multiplies G contiguous groups of the hidden channels (DyDiG's width routing)."""
     width = x.shape[-1]
     gate_value = layers.DenseGeneral(
         (2, self.hidden_features), use_bias=False, dtype=self.dtype, param_dtype=jnp.float32, name="gate_proj",
         kernel_init=layers.partitioned(layers.xavier_uniform_fused(width, 2 * self.hidden_features),
                                        ("embed", None, "mlp")))(x)
     h = nn.silu(gate_value[..., 0, :]) * gate_value[..., 1, :]
+    if group_mask is not None:
+      groups = group_mask.shape[-1]
+      h = (h.reshape(*h.shape[:-1], groups, -1) * group_mask[:, None, :, None].astype(h.dtype)).reshape(h.shape)
     h = nn.with_logical_constraint(h, ("batch", "length", "act_mlp"))
     return layers.dense(width, ("mlp", "embed"), use_bias=False, dtype=self.dtype, name="down_proj")(h)
 
@@ -149,19 +156,30 @@ class DiGBlock(nn.Module):
   gla_chunk_size: int = 64
   dtype: layers.Dtype = jnp.float32
 
+  def modulation(self, cond):
+    return layers.adaln_modulation(cond.c, cond.c.shape[-1], 6, self.dtype)
+
+  def attention_update(self, x, shift, scale, gate, reverse, head_mask=None):
+    h = layers.modulate(layers.layer_norm(self.dtype)(x), shift, scale).astype(self.dtype)
+    return gate[:, None] * GatedLinearAttention(
+        self.num_heads, implementation=self.gla_implementation, chunk_size=self.gla_chunk_size,
+        dtype=self.dtype, name="attn")(h, reverse=reverse, head_mask=head_mask)
+
+  def mlp_update(self, x, shift, scale, gate, group_mask=None):
+    h = layers.modulate(layers.layer_norm(self.dtype)(x), shift, scale).astype(self.dtype)
+    return gate[:, None] * SwiGLU(swiglu_hidden_size(x.shape[-1], self.mlp_ratio), self.dtype, name="mlp")(
+        h, group_mask)
+
+  def conv(self, x, reverse):
+    x = DepthwiseConv(self.grid_size, dtype=self.dtype, name="dw_conv")(x, rotate=reverse)
+    return nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+
   @nn.compact
   def __call__(self, x, cond, reverse=False):
-    width = x.shape[-1]
-    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = layers.adaln_modulation(
-        cond.c, width, 6, self.dtype)
-    h = layers.modulate(layers.layer_norm(self.dtype)(x), shift_msa, scale_msa).astype(self.dtype)
-    x = x + gate_msa[:, None] * GatedLinearAttention(
-        self.num_heads, implementation=self.gla_implementation, chunk_size=self.gla_chunk_size,
-        dtype=self.dtype, name="attn")(h, reverse=reverse)
-    h = layers.modulate(layers.layer_norm(self.dtype)(x), shift_mlp, scale_mlp).astype(self.dtype)
-    x = x + gate_mlp[:, None] * SwiGLU(swiglu_hidden_size(width, self.mlp_ratio), self.dtype, name="mlp")(h)
-    x = DepthwiseConv(self.grid_size, dtype=self.dtype, name="dw_conv")(x, rotate=reverse)
-    return nn.with_logical_constraint(x, ("batch", "length", "act_embed")), {}
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(cond)
+    x = x + self.attention_update(x, shift_msa, scale_msa, gate_msa, reverse)
+    x = x + self.mlp_update(x, shift_mlp, scale_mlp, gate_mlp)
+    return self.conv(x, reverse), {}
 
 
 def transpose_grid(x, grid_size):

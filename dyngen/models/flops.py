@@ -85,8 +85,8 @@ def dig_macs(model_config, convention="complete"):
   return counts
 
 
-# A dense DyDiT is a DiT: its routers (< 0.1% of a block) are not counted, as the paper does not.
-FAMILY_COUNTERS = {"dit": dit_macs, "dig": dig_macs, "dydit": dit_macs}
+# A dense DyDiT (DyDiG) is a DiT (DiG): its routers (< 0.1% of a block) are not counted, as DyDiT's paper.
+FAMILY_COUNTERS = {"dit": dit_macs, "dig": dig_macs, "dydit": dit_macs, "dydig": dig_macs}
 
 
 def count_flops(model_config, **kwargs):

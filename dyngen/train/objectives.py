@@ -20,7 +20,7 @@ import ml_collections
 
 # Stable ids of the step's random streams (never renumber: runs depend on them).
 KEY_PURPOSES = {"timestep": 0, "noise": 1, "label_dropout": 2, "gumbel": 3}
-DYNAMIC_FAMILIES = ("dydit",)
+DYNAMIC_FAMILIES = ("dydit", "dydig")
 
 
 def step_keys(rng, step):
