@@ -123,8 +123,11 @@ def training_config() -> ml_collections.ConfigDict:
       capacity_buckets=4,  # Fast path: head / group counts rounded up to multiples of H / capacity_buckets.
       max_programs=8,  # Fast path: at most this many compiled programs (segments) per batch shape.
   ))
-  # Sample-quality metrics: "" = none, "digits" = digits-classifier accuracy and Frechet distance.
-  config.evaluation = ml_collections.ConfigDict(dict(metric="", num_samples=0, every_steps=0))
+  # Sample-quality metrics (dyngen/train/evaluation.py): "" = none, "digits" = digits-classifier accuracy and
+  # Frechet distance.
+  # "adm_fid" = ADM's FID, sFID, IS, precision, recall against `reference` with the Inception at `inception`.
+  config.evaluation = ml_collections.ConfigDict(dict(metric="", num_samples=0, every_steps=0, reference="",
+                                                     inception=""))
 
   config.mesh = ml_collections.ConfigDict(dict(axes=("data", "fsdp", "tensor"), shape=(-1, 1, 1)))
   config.sharding = ml_collections.ConfigDict(dict(logical_axis_rules=DEFAULT_LOGICAL_AXIS_RULES))

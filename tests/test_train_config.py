@@ -79,7 +79,8 @@ def _set(path, value):
     (_set("batch_size", 0), r"config\.batch_size must be > 0, got 0"),
     (_set("sample.guidance_channels", 3), r"config\.sample\.guidance_channels=3 but the model predicts 1 "
      r"channel\(s\); use 0 \(guide all channels\) or at most 1"),
-    (_set("evaluation.metric", "fid"), r"config\.evaluation\.metric must be one of \('', 'digits'\)"),
+    (_set("evaluation.metric", "fid"), r"config\.evaluation\.metric must be one of \('', 'digits', 'adm_fid'\)"),
+    (_set("evaluation.metric", "adm_fid"), r"config\.evaluation\.metric='adm_fid' needs config\.evaluation\.reference"),
 ])
 def test_bad_fields_are_named(tiny_config, change, message):
   tree = tiny_config().to_dict()

@@ -67,6 +67,8 @@ TRAINER_FIELDS = {
     "evaluation.metric": _STR,
     "evaluation.num_samples": _INT,
     "evaluation.every_steps": _INT,
+    "evaluation.reference": _STR,
+    "evaluation.inception": _STR,
     "mesh.axes": _STRS,
     "mesh.shape": _INTS,
     "sharding.logical_axis_rules": _RULES,
@@ -79,7 +81,7 @@ OWNED_SECTIONS = ("model", "data")
 # config.pretrain (a whole run config, the warm start to train first) is checked as a run of its own.
 OPTIONAL_SECTIONS = ("dynamic", "pretrain")
 SAMPLERS = ("ddpm", "ddim")
-EVALUATION_METRICS = ("", "digits")
+EVALUATION_METRICS = ("", "digits", "adm_fid")
 
 
 def _leaf_paths(config, prefix=""):
@@ -182,6 +184,13 @@ def check_values(config) -> None:
   if config.evaluation.metric == "digits":
     _require(config.data.name == "digits",
              f"config.evaluation.metric='digits' scores digit samples, but config.data.name={config.data.name!r}.")
+  if config.evaluation.metric == "adm_fid":
+    for field in ("reference", "inception"):
+      _require(bool(config.evaluation[field]),
+               f"config.evaluation.metric='adm_fid' needs config.evaluation.{field}: "
+               + ("an ADM reference batch npz (e.g. VIRTUAL_imagenet256_labeled.npz, or one made with "
+                  "`python -m dyngen.evaluate --make_reference`)." if field == "reference" else
+                  "the path of pytorch-fid's Inception weights pt_inception-2015-12-05-6726825d.pth."))
   if config.evaluation.metric:
     _require(config.evaluation.num_samples >= 2,
              f"config.evaluation.num_samples={config.evaluation.num_samples}: a Frechet distance needs >= 2 samples.")

@@ -1,19 +1,32 @@
-"""Sample-quality metrics the trainer reports, chosen by `config.evaluation.metric`.
+"""Sample-quality evaluation during training, chosen by `config.evaluation.metric`, through the evaluator
+registry of dyngen.evaluation.evaluators (built once per run, called on each new batch of samples):
 
-  "digits"  accuracy of a digits classifier (trained on the real training split) on class-conditional
-            samples, and the Frechet distance to the real test split in that classifier's feature space
-            (`dyngen.evaluation.digits_sample_quality`), plus the classifier's own test accuracy and the
-            test-vs-train Frechet floor for scale.
+  "digits"   accuracy of a digits classifier (trained on the real training split) on class-conditional
+             samples, and the Frechet distance to the real test split in that classifier's feature space,
+             plus the classifier's own test accuracy and the test-vs-train Frechet floor for scale.
+  "adm_fid"  ADM's FID, sFID, Inception Score, precision and recall against `config.evaluation.reference`
+             (an ADM reference npz, e.g. VIRTUAL_imagenet256_labeled.npz) with the Inception weights at
+             `config.evaluation.inception` (pytorch-fid's pt_inception-2015-12-05-*.pth).
 """
 import numpy as np
 
-from dyngen import evaluation as evaluation_lib
+from dyngen.evaluation import evaluators
+
+METRICS = ("", "digits", "adm_fid")
 
 
-def evaluate_samples(config, images: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-  """images: uint8 (N, H, W, C) samples conditioned on labels (N,) -> {metric name: value}."""
+def build_evaluator(config):
+  """The evaluator of `config.evaluation.metric` (None for ""); loads its networks and references once."""
   metric = config.evaluation.metric
+  if not metric:
+    return None
   if metric == "digits":
-    results = evaluation_lib.digits_sample_quality(images, labels, config.data, seed=0)
-    return {name: float(value) for name, value in results.items()}
-  raise ValueError(f"config.evaluation.metric={metric!r} has no implementation; use 'digits' or ''.")
+    return evaluators.build("digits", data_config=config.data)
+  if metric == "adm_fid":
+    return evaluators.build("adm_fid", reference=config.evaluation.reference, inception=config.evaluation.inception)
+  raise ValueError(f"config.evaluation.metric={metric!r} has no evaluator; use one of {METRICS}.")
+
+
+def evaluate_samples(evaluator, images: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+  """images: uint8 (N, H, W, C) samples conditioned on labels (N,) -> {metric name: value}."""
+  return {name: float(value) for name, value in evaluator(images, labels).items()}

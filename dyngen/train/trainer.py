@@ -80,6 +80,7 @@ class Run:
     # Impossible shapes (a width the fsdp axis does not divide, ...) stop here, before any compute.
     sharding.check_divisible(self.abstract_state, self.state_shardings)
     self.batch_sharding = sharding.batch_sharding(self.mesh, self.rules)
+    self.evaluator = None  # Built on the first evaluation (it loads networks and reference statistics).
 
   @contextlib.contextmanager
   def context(self):
@@ -326,7 +327,9 @@ def run_evaluation(run: Run, sampler: sample_lib.Sampler, params, step: int, wri
   sampler.routing_stats.clear()
   images = sampler.generate(params, labels, cfg_scale=config.sample.cfg_scale, seed=config.sample.seed)
   sampling_seconds = time.perf_counter() - start
-  results = evaluation.evaluate_samples(config, images, labels)
+  if run.evaluator is None:
+    run.evaluator = evaluation.build_evaluator(config)
+  results = evaluation.evaluate_samples(run.evaluator, images, labels)
   results["sampling_seconds"] = sampling_seconds
   # A routed model: the FLOPs ratio it achieved over the sampling schedule (1 for dense models).
   results.update(sampler.routing_summary())
