@@ -116,7 +116,7 @@ class Progress:
     elapsed = time.perf_counter() - self.start
     rate = self.encoded / elapsed if elapsed > 0 else 0.0
     remaining = self.total - self.done
-    eta = f"{remaining / rate / 60:.1f} min" if rate > 0 else "unknown"
+    eta = f"{remaining / rate / 60:.1f} min" if rate > 0 else ("0 min" if remaining == 0 else "unknown")
     percent = 100.0 * self.done / max(self.total, 1)
     return (f"{what}: {self.done}/{self.total} images of this process ({percent:.1f}%), "
             f"{rate:.2f} images/s, ETA {eta}")
@@ -342,9 +342,6 @@ def main(argv):
 
 if __name__ == "__main__":
   from dyngen import cli_errors  # pylint: disable=g-import-not-at-top
-  # Run the functions of the module under its package name, not of `__main__`: cli_errors recognises the
-  # user errors (ValueError, OSError) raised by dyngen's own modules by their module name.
-  from dyngen.latent import extract as extract_module  # pylint: disable=g-import-not-at-top,import-self
-  extract_module.define_flags()
+  define_flags()
   jax.config.config_with_absl()
-  cli_errors.run(extract_module.main)
+  cli_errors.run(main)
