@@ -58,8 +58,11 @@ class Sampler:
   """Jitted sampling of a model under a mesh; one compiled program per (batch, cfg on/off)."""
 
   def __init__(self, model: nn.Module, diffusion_config, sample_config, *, mesh: jax.sharding.Mesh, rules,
-               param_shardings=None):
+               param_shardings=None, decode=None):
     self.model = model
+    # Model space -> images in [-1, 1] (float (N, H, W, C) in, numpy out), e.g. an SD-VAE's decoder of
+    # latents / scale_factor; None: the model samples images.
+    self.decode = decode
     self.sample_config = sample_config
     self.diffusion = sampling_diffusion(diffusion_config, sample_config, model.learn_sigma)
     self.mesh = mesh
@@ -216,8 +219,11 @@ class Sampler:
     return np.asarray(images)
 
   def generate(self, params, labels: np.ndarray, *, cfg_scale: float, seed: int,
-               batch_size: int | None = None) -> np.ndarray:
+               batch_size: int | None = None, first_chunk: int = 0, on_chunk=None) -> np.ndarray:
     """uint8 images (N, H, W, C) for `labels` (N,), in chunks of `batch_size` (default sample.batch_size).
+
+    Chunk i draws from `fold_in(key(seed), first_chunk + i)`: a run split into several calls (resumed
+    sampling) gets the samples of one call. `on_chunk(done, total)` is called after each chunk (progress).
 
     The last chunk is padded with class 0 to the full batch (one compiled program) and the padding dropped.
     A DyDiT on the fast path with calibrated token capacities calibrates on the first chunk, for all chunks.
@@ -231,8 +237,11 @@ class Sampler:
       for index, start in enumerate(range(0, len(labels), batch_size)):
         chunk = labels[start:start + batch_size]
         padded = np.pad(chunk, (0, batch_size - len(chunk)))
-        images = self.sample_batch(params, padded, jax.random.fold_in(base_key, index), cfg_scale)
-        chunks.append(to_uint8(images[:len(chunk)]))
+        key = jax.random.fold_in(base_key, first_chunk + index)
+        images = self.sample_batch(params, padded, key, cfg_scale)[:len(chunk)]
+        chunks.append(to_uint8(self.decode(images) if self.decode is not None else images))
+        if on_chunk is not None:
+          on_chunk(start + len(chunk), len(labels))
     finally:
       self._token_counts = None
     if self.fast:
