@@ -45,7 +45,8 @@ flags.DEFINE_list("ratios", ["0.5", "0.7"], "Target FLOPs ratios the routers are
 flags.DEFINE_integer("steps", 10, "DDPM steps.")
 flags.DEFINE_integer("batch", 2, "Images per sampling call (the guided model runs on twice as many rows).")
 flags.DEFINE_float("cfg_scale", 1.5, "Classifier-free guidance scale (1 = unguided).")
-flags.DEFINE_integer("repeats", 3, "Timed runs of each path (interleaved), after one untimed warm-up run.")
+flags.DEFINE_integer("repeats", 3, "Timed runs of each path (interleaved).")
+flags.DEFINE_integer("warmup", 1, "Untimed runs of each path first (every program is compiled before either).")
 flags.DEFINE_integer("max_programs", 2, "The fast path's program budget (config.sample.max_programs).")
 flags.DEFINE_float("width_cap", 1.0, "The fast path's width cap (config.sample.width_cap).")
 flags.DEFINE_float("token_capacity", 1.0, "The fast path's token capacity cap (config.sample.token_capacity).")
@@ -132,13 +133,6 @@ def placed_params(model, params, target, x, y, diffusion, sample_config):
   return params
 
 
-def timed(fn, *args):
-  """(wall seconds, process CPU seconds) of one run."""
-  start, start_cpu = time.perf_counter(), time.process_time()
-  jax.block_until_ready(fn(*args))
-  return time.perf_counter() - start, time.process_time() - start_cpu
-
-
 def bench_one(variant, target, sample_config, diffusion):
   config = model_config(variant, "dydit")
   model = models.build(config)
@@ -186,18 +180,23 @@ def bench_one(variant, target, sample_config, diffusion):
   fast = routing_plan.FastSampler(model, diffusion, sample_config)
   fast_fn = lambda p, x: fast.run(p, plan, x, y, FLAGS.cfg_scale, loop_key)
 
-  # Warm-up: the first run of each path also compiles the fast path's programs (timed inside FastSampler).
-  outputs = {"dense": dense_c(dense_params, x_T), "masked": masked_c(params, x_T)[0], "fast": fast_fn(params, x_T)}
-  fast_stats = outputs["fast"][1]
-  outputs["fast"] = outputs["fast"][0]
-  masked_stats = masked_c(params, x_T)[1]
-  times = {"dense": [], "masked": [], "fast": []}
+  fast_compile = fast.compile(params, plan, x_T, y, FLAGS.cfg_scale, loop_key)
+  paths = {"dense": lambda: dense_c(dense_params, x_T), "masked": lambda: masked_c(params, x_T),
+           "fast": lambda: fast_fn(params, x_T)}
+  for _ in range(FLAGS.warmup):  # each blocked before the next starts: no overlap with the next timing
+    for run in paths.values():
+      jax.block_until_ready(run())
+  times = {name: [] for name in paths}
+  outputs = {}
   loads = [os.getloadavg()[0]]
   for _ in range(FLAGS.repeats):
-    times["dense"].append(timed(dense_c, dense_params, x_T))
-    times["masked"].append(timed(masked_c, params, x_T))
-    times["fast"].append(timed(fast_fn, params, x_T))
+    for name, run in paths.items():
+      start, start_cpu = time.perf_counter(), time.process_time()
+      outputs[name] = jax.block_until_ready(run())
+      times[name].append((time.perf_counter() - start, time.process_time() - start_cpu))
     loads.append(os.getloadavg()[0])
+  outputs["masked"], masked_stats = outputs["masked"]
+  outputs["fast"], fast_stats = outputs["fast"]
   median = {name: statistics.median(wall for wall, _ in values) for name, values in times.items()}
   median_cpu = {name: statistics.median(cpu for _, cpu in values) for name, values in times.items()}
   scale = float(jnp.max(jnp.abs(outputs["masked"])))
@@ -211,8 +210,8 @@ def bench_one(variant, target, sample_config, diffusion):
       fast_cpu_s=median_cpu["fast"], masked_cpu_s=median_cpu["masked"], dense_cpu_s=median_cpu["dense"],
       fast_cpu_speedup=median_cpu["dense"] / median_cpu["fast"], times=times,
       programs_compiled=fast.programs_compiled, segments=len(plan.segments),
-      steps_per_segment=plan.summary()["steps_per_segment"],
-      fast_compile_s=fast.compile_seconds, masked_compile_s=masked_compile, dense_compile_s=dense_compile,
+      steps_per_segment=plan.summary()["steps_per_segment"], calls=len(plan.calls),
+      fast_compile_s=fast_compile, masked_compile_s=masked_compile, dense_compile_s=dense_compile,
       calibration_s=calibration_s, plan_s=plan_s,
       tokens_cut=float(np.sum(fast_stats["wanted"] - fast_stats["kept"])),
       max_abs_diff_fast_masked=float(jnp.max(jnp.abs(outputs["fast"] - outputs["masked"]))) / scale,
@@ -247,7 +246,7 @@ def run_benchmark():
   text = (f"{FLAGS.steps}-step DDPM sampling of {FLAGS.batch} images, classifier-free guidance {FLAGS.cfg_scale} "
           f"(the model runs on {rows[0]['rows']} rows), 32x32x4 latents (256 tokens), float32, on "
           f"{device.platform} ({device.device_kind}, {os.cpu_count()} CPU cores), jax {jax.__version__}. Median "
-          f"of {FLAGS.repeats} interleaved runs per path after one warm-up. Load average (1/5/15 min) {load[0]} "
+          f"of {FLAGS.repeats} interleaved runs per path after {FLAGS.warmup} warm-up run(s), every program compiled first. Load average (1/5/15 min) {load[0]} "
           f"at the start, {load[1]} at the end. Achieved ratio: the official ratio of what the masks kept "
           f"(the masked path's, equal); executed: padding units and every selected token counted as computed. "
           f"fast vs masked: the largest difference of the samples relative to the largest sample value.\n\n"

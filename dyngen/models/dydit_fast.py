@@ -52,53 +52,65 @@ def _layer_norm(x, dtype):
   return layers.layer_norm(dtype).apply({}, x)
 
 
-def block(model: dydit.Model, p, x, cond: layers.Conditioning, plan: BlockPlan, tokens: int):
-  """One DyDiT block on its gathered units. x: (B, N, D); p: the block's parameters (blocks_i).
+def gather_block(model: dydit.Model, p, plan: BlockPlan):
+  """A block's parameters (blocks_i) -> the slices its plan runs on, in the compute dtype.
+
+  Gathered once per run of steps with the same units (not per step): on CPU the gather costs about a copy
+  of the slices, a tenth of a step's matmul time at XL/2 if repeated every step.
+  """
+  dtype = model.compute_dtype
+  width, heads = model.hidden_size, model.num_heads
+  count = plan.head_index.shape[0]
+  attn, mlp = p["attn"], p["mlp"]
+  qkv_kernel = jnp.take(attn["qkv"]["kernel"], plan.head_index, axis=2).reshape(width, -1)  # (D, 3 h Dh)
+  qkv_bias = jnp.take(attn["qkv"]["bias"], plan.head_index, axis=1).reshape(-1)
+  # The head mask on the proj rows instead of the activations: the same products, fewer multiplies.
+  proj_kernel = jnp.take(attn["proj"]["kernel"], plan.head_index, axis=0)
+  proj_kernel = (proj_kernel * plan.head_mask[:, None, None].astype(proj_kernel.dtype)).reshape(-1, width)
+  group_size = mlp["fc1"]["kernel"].shape[-1] // heads
+  fc1_kernel = jnp.take(mlp["fc1"]["kernel"].reshape(width, heads, group_size), plan.group_index, axis=1)
+  fc1_bias = jnp.take(mlp["fc1"]["bias"].reshape(heads, group_size), plan.group_index, axis=0)
+  fc2_kernel = jnp.take(mlp["fc2"]["kernel"].reshape(heads, group_size, width), plan.group_index, axis=0)
+  fc2_kernel = fc2_kernel * plan.group_mask[:, None, None].astype(fc2_kernel.dtype)
+  cast = lambda a: a.astype(dtype)
+  return dict(
+      adaln_kernel=cast(p["adaLN_modulation"]["kernel"]), adaln_bias=cast(p["adaLN_modulation"]["bias"]),
+      qkv_kernel=cast(qkv_kernel), qkv_bias=cast(qkv_bias), proj_kernel=cast(proj_kernel),
+      proj_bias=cast(attn["proj"]["bias"]), token_router=p["token_router"],
+      fc1_kernel=cast(fc1_kernel.reshape(width, -1)), fc1_bias=cast(fc1_bias.reshape(-1)),
+      fc2_kernel=cast(fc2_kernel.reshape(-1, width)), fc2_bias=cast(mlp["fc2"]["bias"]),
+      head_fraction=jnp.sum(plan.head_mask) / heads, group_fraction=jnp.sum(plan.group_mask) / heads,
+      heads=count)
+
+
+def block(model: dydit.Model, g, x, cond: layers.Conditioning, tokens: int):
+  """One DyDiT block on its gathered slices g (`gather_block`). x: (B, N, D).
 
   Returns (x, stats) with stats of (B,) rows: wanted (tokens the router wanted), kept (wanted and within
   the capacity: those whose MLP update was added), unwanted_run (selected tokens the router did not want).
   """
   dtype = model.compute_dtype
   batch, num_tokens, width = x.shape
-  heads, head_dim = model.num_heads, width // model.num_heads
-  modulation = _linear(jax.nn.silu(cond.c), p["adaLN_modulation"]["kernel"], p["adaLN_modulation"]["bias"], dtype)
+  head_dim = width // model.num_heads
+  modulation = _linear(jax.nn.silu(cond.c), g["adaln_kernel"], g["adaln_bias"], dtype)
   shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(modulation, 6, axis=-1)
 
   # Attention on the gathered heads.
-  attn = p["attn"]
   h = layers.modulate(_layer_norm(x, dtype), shift_msa, scale_msa).astype(dtype)
-  qkv_kernel = jnp.take(attn["qkv"]["kernel"], plan.head_index, axis=2)  # (D, 3, h, Dh)
-  qkv_bias = jnp.take(attn["qkv"]["bias"], plan.head_index, axis=1)  # (3, h, Dh)
-  count = plan.head_index.shape[0]
-  qkv = _linear(h, qkv_kernel.reshape(width, -1), qkv_bias.reshape(-1), dtype)
-  qkv = qkv.reshape(batch, num_tokens, 3, count, head_dim)
+  qkv = _linear(h, g["qkv_kernel"], g["qkv_bias"], dtype).reshape(batch, num_tokens, 3, g["heads"], head_dim)
   out = attention_lib.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], model.attention,
                                             model.attention_chunk_size)  # (B, N, h, Dh)
-  # The head mask on the proj rows instead of the activations: the same products, fewer multiplies.
-  proj_kernel = jnp.take(attn["proj"]["kernel"], plan.head_index, axis=0)
-  proj_kernel = proj_kernel * plan.head_mask[:, None, None].astype(proj_kernel.dtype)
-  out = _linear(out.reshape(batch, num_tokens, count * head_dim), proj_kernel.reshape(-1, width),
-                attn["proj"]["bias"], dtype)
+  out = _linear(out.reshape(batch, num_tokens, -1), g["proj_kernel"], g["proj_bias"], dtype)
   x = x + gate_msa[:, None] * out
 
   # Token routing on the residual stream after the attention update, as the masked block.
-  logits = dydit.TokenRouter(dtype).apply({"params": p["token_router"]}, x)  # (B, N)
+  logits = dydit.TokenRouter(dtype).apply({"params": g["token_router"]}, x)  # (B, N)
   wanted = dydit.binarize(logits, train=False, tau=model.router_tau, threshold=model.router_threshold)
-
-  mlp = p["mlp"]
-  hidden = mlp["fc1"]["kernel"].shape[-1]
-  group_size = hidden // heads
-  fc1_kernel = jnp.take(mlp["fc1"]["kernel"].reshape(width, heads, group_size), plan.group_index, axis=1)
-  fc1_bias = jnp.take(mlp["fc1"]["bias"].reshape(heads, group_size), plan.group_index, axis=0)
-  fc2_kernel = jnp.take(mlp["fc2"]["kernel"].reshape(heads, group_size, width), plan.group_index, axis=0)
-  fc2_kernel = fc2_kernel * plan.group_mask[:, None, None].astype(fc2_kernel.dtype)
-  fc1_kernel, fc1_bias = fc1_kernel.reshape(width, -1), fc1_bias.reshape(-1)
-  fc2_kernel = fc2_kernel.reshape(-1, width)
 
   def mlp_update(x_rows):  # (B, k, D) -> (B, k, D), the gated MLP update of those tokens
     h = layers.modulate(_layer_norm(x_rows, dtype), shift_mlp, scale_mlp).astype(dtype)
-    h = jax.nn.gelu(_linear(h, fc1_kernel, fc1_bias, dtype), approximate=True)
-    return gate_mlp[:, None] * _linear(h, fc2_kernel, mlp["fc2"]["bias"], dtype)
+    h = jax.nn.gelu(_linear(h, g["fc1_kernel"], g["fc1_bias"], dtype), approximate=True)
+    return gate_mlp[:, None] * _linear(h, g["fc2_kernel"], g["fc2_bias"], dtype)
 
   if tokens >= num_tokens:
     update = mlp_update(x)
@@ -119,18 +131,31 @@ def block(model: dydit.Model, p, x, cond: layers.Conditioning, plan: BlockPlan, 
   return x, stats
 
 
-def forward(model: dydit.Model, params, x, t, y, plans, capacities):
-  """The DyDiT forward pass on gathered units. x: (B, H, W, C); t, y: (B,).
+def gather(model: dydit.Model, params, plans):
+  """`gather_block` of every block: params unscanned (blocks_0 ...) or scanned ("blocks", sliced per block)."""
+  if len(plans) != model.depth:
+    raise ValueError(f"need one plan per block ({model.depth}), got {len(plans)}")
+  return [gather_block(model, jax.tree.map(lambda a: a[index], params["blocks"]) if "blocks" in params
+                       else params[f"blocks_{index}"], plan) for index, plan in enumerate(plans)]
 
-  params: the model's parameters, unscanned (blocks_0 ...) or scanned ("blocks", sliced here per block);
-  plans: one `BlockPlan` per block; capacities: one (heads, groups, tokens) per block, equal to the plans'
-  lengths for heads and groups.
+
+def forward(model: dydit.Model, params, x, t, y, plans, capacities):
+  """`forward_gathered` on the slices of `plans` (one `BlockPlan` per block)."""
+  return forward_gathered(model, params, gather(model, params, plans), x, t, y, capacities)
+
+
+def forward_gathered(model: dydit.Model, params, blocks, x, t, y, capacities):
+  """The DyDiT forward pass on gathered slices. x: (B, H, W, C); t, y: (B,).
+
+  params: the model's parameters (only the embedders and the final layer are read); blocks: `gather(...)`;
+  capacities: one (heads, groups, tokens) per block, heads and groups equal to the gathered counts.
   Returns (out (B, H, W, C_out) in at least float32, stats): stats hold, per row (B,), flops_ratio (the
   official ratio of what the masks kept: heads and groups with mask 1, tokens wanted and within capacity;
   padding counted as not computed) and, summed over the blocks, wanted, kept and unwanted_run token counts.
   """
-  if len(plans) != model.depth or len(capacities) != model.depth:
-    raise ValueError(f"need one plan and capacity per block ({model.depth}), got {len(plans)} and {len(capacities)}")
+  if len(blocks) != model.depth or len(capacities) != model.depth:
+    raise ValueError(f"need gathered slices and a capacity per block ({model.depth}), got {len(blocks)} and "
+                     f"{len(capacities)}")
   dtype = model.compute_dtype
   tokens = layers.PatchEmbed(model.patch_size, model.hidden_size, dtype).apply(
       {"params": params["x_embedder"]}, x.astype(dtype))
@@ -145,12 +170,10 @@ def forward(model: dydit.Model, params, x, t, y, plans, capacities):
   stats = layers.at_least_float32(dtype)
   ratio = jnp.zeros((x.shape[0],), stats)
   totals = {}
-  for index, (plan, (_, _, capacity)) in enumerate(zip(plans, capacities)):
-    p = (jax.tree.map(lambda a: a[index], params["blocks"]) if "blocks" in params else params[f"blocks_{index}"])
-    tokens, block_stats = block(model, p, tokens, cond, plan, capacity)
-    head_fraction = jnp.sum(plan.head_mask).astype(stats) / model.num_heads
-    group_fraction = jnp.sum(plan.group_mask).astype(stats) / model.num_heads
-    ratio = ratio + head_fraction * weight_a + group_fraction * block_stats["kept"].astype(stats) / model.num_tokens * weight_m
+  for g, (_, _, capacity) in zip(blocks, capacities):
+    tokens, block_stats = block(model, g, tokens, cond, capacity)
+    ratio = ratio + (g["head_fraction"].astype(stats) * weight_a + g["group_fraction"].astype(stats)
+                     * block_stats["kept"].astype(stats) / model.num_tokens * weight_m)
     for name, value in block_stats.items():
       totals[name] = totals.get(name, 0) + value.astype(stats)
   out = layers.FinalLayer(model.hidden_size, model.patch_size, model.out_channels, dtype).apply(

@@ -14,9 +14,10 @@ the schedule (`timestep_map`) and the routers. `make_plan`:
      segment. More than `max_programs` segments are merged, adjacent ones, into at most `max_programs`,
      the partition that adds the fewest executed FLOPs (dynamic programming; a merged segment runs at the
      elementwise largest capacities of its steps).
-`FastSampler` compiles one program per distinct signature (and batch shape, guidance on/off): a
-`fori_loop` over the steps [lo, hi) of a segment, whose head / group indices and masks are inputs indexed
-by step, so a program depends on its capacities alone and serves every segment of that signature. A step's
+`FastSampler` compiles one program per distinct signature (and batch shape, guidance on/off): it gathers
+the weight slices of its call's units (indices and masks are inputs, so a program depends on its capacities
+alone), then runs a `fori_loop` over the call's steps [lo, hi). A call is a segment cut where some block's
+units change (their count within a segment does not), so the slices are gathered once per call. A step's
 noise is drawn from the k-th of `split(key, S)` (as `GaussianDiffusion.p_sample_loop` and the masked
 `routed_sample_loop`), whatever the segmentation. Programs compiled <= distinct signatures <= segments <=
 max_programs, per batch shape and guidance setting.
@@ -138,7 +139,8 @@ class SamplingPlan:
 
   timesteps (S,): the model's t per step; head_active, group_active (S, L, H) bool (after the width cap);
   head_logits, group_logits (S, L, H) (unit 0 +inf); capacities (S, L, 3) int: the (heads, groups, tokens)
-  each step runs at (after merging); segments: the steps of each program call.
+  each step runs at (after merging); segments: runs of steps of one signature (<= max_programs); calls: the
+  segments cut where a block's gathered units change (one program call each, its slices gathered once).
   """
   timesteps: np.ndarray
   head_active: np.ndarray
@@ -147,6 +149,7 @@ class SamplingPlan:
   group_logits: np.ndarray
   capacities: np.ndarray
   segments: list[Segment]
+  calls: list[Segment]
   num_tokens: int
   unit_macs: flops.UnitMacs
 
@@ -160,31 +163,28 @@ class SamplingPlan:
     return list(dict.fromkeys(segment.signature for segment in self.segments))
 
   def split_every_step(self) -> "SamplingPlan":
-    """The same plan with every step its own segment (same signatures: the samples must not change)."""
-    segments = [Segment(k, k + 1, s.signature) for s in self.segments for k in range(s.start, s.stop)]
-    return dataclasses.replace(self, segments=segments)
+    """The same plan with every step its own call (same signatures: the samples must not change)."""
+    calls = [Segment(k, k + 1, c.signature) for c in self.calls for k in range(c.start, c.stop)]
+    return dataclasses.replace(self, calls=calls)
 
-  def block_plans(self, signature):
-    """Per block a `BlockPlan` of arrays with a leading step axis (S, capacity) for the program of
-    `signature`: its steps hold their units (the active ones, then padding units with mask 0, by logit);
-    other steps hold the units 0.. (never read)."""
-    steps = np.array([k for s in self.segments if s.signature == signature for k in range(s.start, s.stop)])
-    plans = []
+  def units(self, step, signature):
+    """Per block (head_index, head_mask, group_index, group_mask) numpy arrays of `step` at `signature`'s
+    capacities: the active units, then inactive ones (mask 0) by logit, the first `capacity`, sorted."""
+    out = []
     for index, (heads, groups, _) in enumerate(signature):
       fields = []
       for active, logits, count in ((self.head_active, self.head_logits, heads),
                                     (self.group_active, self.group_logits, groups)):
-        units = np.tile(np.arange(count, dtype=np.int32), (self.num_steps, 1))
-        mask = np.zeros((self.num_steps, count), np.float32)
-        on, score = active[steps, index], logits[steps, index]
-        # Active units first (highest logit first), then the inactive ones by logit: the first `count`.
-        order = np.lexsort((-np.nan_to_num(score, posinf=1e30), ~on), axis=-1)[:, :count]
-        chosen = np.sort(order, axis=-1)
-        units[steps] = chosen
-        mask[steps] = np.take_along_axis(on, chosen, axis=-1)
-        fields += [jnp.asarray(units), jnp.asarray(mask)]
-      plans.append(dydit_fast.BlockPlan(*fields))
-    return plans
+        on, score = active[step, index], logits[step, index]
+        order = np.lexsort((-np.nan_to_num(score, posinf=1e30), ~on))[:count]
+        chosen = np.sort(order).astype(np.int32)
+        fields += [chosen, on[chosen].astype(np.float32)]
+      out.append(tuple(fields))
+    return out
+
+  def block_plans(self, call: Segment):
+    """Per block a `dydit_fast.BlockPlan` (arrays of the capacities) of the call's steps."""
+    return [dydit_fast.BlockPlan(*map(jnp.asarray, fields)) for fields in self.units(call.start, call.signature)]
 
   def executed_flops_ratio(self):
     """(S,) the FLOPs ratio of what each step computes: every gathered unit (padding included) and every
@@ -196,8 +196,12 @@ class SamplingPlan:
     return per_block.mean(axis=-1) / (a + m)
 
   def summary(self) -> dict:
-    return dict(segments=len(self.segments), programs=len(self.signatures),
+    return dict(segments=len(self.segments), programs=len(self.signatures), calls=len(self.calls),
                 steps_per_segment=[s.stop - s.start for s in self.segments])
+
+
+def _same_units(a, b):
+  return all(all(np.array_equal(x, y) for x, y in zip(block_a, block_b)) for block_a, block_b in zip(a, b))
 
 
 def _signature(capacities_of_step):
@@ -284,8 +288,16 @@ def make_plan(model: dydit.Model, params, timestep_map, options: RoutingOptions,
   for start, stop, caps in merged:
     capacities[start:stop] = caps
     segments.append(Segment(start, stop, _signature(caps)))
-  return SamplingPlan(timesteps, head_active, group_active, head_logits, group_logits, capacities, segments,
+  plan = SamplingPlan(timesteps, head_active, group_active, head_logits, group_logits, capacities, segments, [],
                       tokens, unit_macs)
+  for segment in segments:
+    start, previous = segment.start, plan.units(segment.start, segment.signature)
+    for k in range(segment.start + 1, segment.stop + 1):
+      current = plan.units(k, segment.signature) if k < segment.stop else None
+      if current is None or not _same_units(current, previous):
+        plan.calls.append(Segment(start, k, segment.signature))
+        start, previous = k, current
+  return plan
 
 
 def _step_fn(diffusion, sample_config):
@@ -365,14 +377,15 @@ class FastSampler:
       num_steps = self.diffusion.num_timesteps
 
       def run(params, x, y, cfg_scale, lo, hi, keys, plans, stats):
-        """x: (B', H, W, C) the state before step lo; plans: per block (S, capacity) arrays; stats: {name: (S,)}."""
+        """x: (B', H, W, C) the state before step lo; plans: per block a BlockPlan of the steps [lo, hi)."""
+        blocks = dydit_fast.gather(model, params, plans)
+
         def body(k, carry):
           x, stats = carry
-          block_plans = [jax.tree.map(lambda a: a[k], plan) for plan in plans]
           captured = {}
 
           def apply_fn(x, t, y):
-            out, step_stats = dydit_fast.forward(model, params, x, t, y, block_plans, signature)
+            out, step_stats = dydit_fast.forward_gathered(model, params, blocks, x, t, y, signature)
             captured.update({name: jnp.mean(value) if name == "flops_ratio" else jnp.sum(value)
                              for name, value in step_stats.items()})
             return out
@@ -393,13 +406,7 @@ class FastSampler:
       self.compile_seconds += time.perf_counter() - start
     return self._programs[key]
 
-  def run(self, params, plan: SamplingPlan, x_T, y, cfg_scale, key):
-    """x_T (B', H, W, C), y (B',): the batch as run (guided: [z; z] and [labels; null]); key: the loop key.
-
-    Returns (x_0 (B', H, W, C), per-step stats {name: (S,) numpy}: flops_ratio (mean over rows of what the
-    masks kept), wanted, kept, unwanted_run (token counts summed over rows and blocks), flops_ratio_executed).
-    """
-    guided = cfg_scale != 1.0
+  def _call_args(self, params, plan, x, y, cfg_scale, key):
     num_steps = self.diffusion.num_timesteps
     if plan.num_steps != num_steps:
       raise ValueError(f"the plan has {plan.num_steps} steps, the sampling diffusion {num_steps}")
@@ -407,12 +414,27 @@ class FastSampler:
     stats_dtype = layers.at_least_float32(self.model.compute_dtype)
     stats = {name: jnp.zeros((num_steps,), stats_dtype) for name in STAT_NAMES}
     cfg = jnp.float32(cfg_scale)
-    plans_of = {signature: plan.block_plans(signature) for signature in plan.signatures}
-    x = x_T
-    for segment in plan.segments:
-      args = (params, x, y, cfg, jnp.int32(segment.start), jnp.int32(segment.stop), keys,
-              plans_of[segment.signature], stats)
-      x, stats = self._program(segment.signature, guided, args)(*args)
+    for call in plan.calls:
+      yield call, [params, x, y, cfg, jnp.int32(call.start), jnp.int32(call.stop), keys, plan.block_plans(call), stats]
+
+  def compile(self, params, plan: SamplingPlan, x_T, y, cfg_scale, key):
+    """Compiles the programs `run` will call (without running them); returns the compile seconds spent."""
+    before = self.compile_seconds
+    for call, args in self._call_args(params, plan, x_T, y, cfg_scale, key):
+      self._program(call.signature, cfg_scale != 1.0, args)
+    return self.compile_seconds - before
+
+  def run(self, params, plan: SamplingPlan, x_T, y, cfg_scale, key):
+    """x_T (B', H, W, C), y (B',): the batch as run (guided: [z; z] and [labels; null]); key: the loop key.
+
+    Returns (x_0 (B', H, W, C), per-step stats {name: (S,) numpy}: flops_ratio (mean over rows of what the
+    masks kept), wanted, kept, unwanted_run (token counts summed over rows and blocks), flops_ratio_executed).
+    """
+    guided = cfg_scale != 1.0
+    x, stats = x_T, None
+    for call, args in self._call_args(params, plan, x_T, y, cfg_scale, key):
+      args[1], args[-1] = x, (args[-1] if stats is None else stats)  # the state and stats of the call before
+      x, stats = self._program(call.signature, guided, args)(*args)
     stats = {name: np.asarray(jax.device_get(value)) for name, value in stats.items()}
     stats["flops_ratio_executed"] = plan.executed_flops_ratio()
     return x, stats
