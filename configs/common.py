@@ -99,7 +99,9 @@ def training_config() -> ml_collections.ConfigDict:
   config.diffusion = ml_collections.ConfigDict(dict(
       noise_schedule="linear", diffusion_steps=1000, predict_xstart=False, use_kl=False, sigma_small=False,
       rescale_learned_sigmas=False))
-  # Latent diffusion hook: "" trains in pixel space. (The SD VAE path is a later addition.)
+  # Latent diffusion: `vae` is the SD-VAE weights (a diffusers folder or its .safetensors / .bin file; see
+  # dyngen.latent.load_autoencoder), used to encode images on the fly (pixel data) and to decode samples;
+  # "" trains in pixel space. Training on extracted latents sets config.data to dyngen.data.latents.
   config.latent = ml_collections.ConfigDict(dict(vae="", scale_factor=0.18215))
 
   config.sample = ml_collections.ConfigDict(dict(

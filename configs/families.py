@@ -56,11 +56,12 @@ def experiment_config(name, arg, size):
                      f"got {arg.variant!r}")
   config = common.training_config()
   config.model = model_config(name, arg.variant)
-  config.data = data_lib.default_config("imagenet2012")
-  config.latent.vae = "sd-vae-ft-ema"  # DiT trains on SD-VAE latents of 256x256 images.
+  # DiT trains on SD-VAE latents of 256x256 ImageNet images, extracted ahead (python -m dyngen.latent.extract):
+  # --config.data.latent_dir=LATENTS --config.latent.vae=sd-vae-ft-ema (the weights, to decode samples).
+  config.data = data_lib.default_config("latents")
+  config.latent.vae = ""
   if arg.runlocal:
     common.shrink_for_runlocal(config, depth=4)
-    config.latent.vae = ""
   return config
 
 

@@ -77,6 +77,8 @@ TRAINER_FIELDS = {
 }
 # Sections checked by their owners rather than by TRAINER_FIELDS.
 OWNED_SECTIONS = ("model", "data")
+# The SD-VAE's encoder halves the image side three times.
+LATENT_DOWNSAMPLING = 8
 # Sections that only some runs have, checked by their owners (dyngen.train.objectives for config.dynamic).
 # config.pretrain (a whole run config, the warm start to train first) is checked as a run of its own.
 OPTIONAL_SECTIONS = ("dynamic", "pretrain")
@@ -194,18 +196,40 @@ def check_values(config) -> None:
   if config.evaluation.metric:
     _require(config.evaluation.num_samples >= 2,
              f"config.evaluation.num_samples={config.evaluation.num_samples}: a Frechet distance needs >= 2 samples.")
-  _require(config.latent.vae == "",
-           f"config.latent.vae={config.latent.vae!r}: latent-space training is not available yet; set it to '' "
-           "(pixel space).")
-  routing_plan.options_for(config.sample)  # DyDiT's fast-path knobs: routing mode, fractions in (0, 1].
+  latent_data = config.data.name == data_lib.LATENTS
+  if latent_data and not config.latent.vae:  # Needed to decode samples (grids, evaluation, --mode=sample).
+    raise ValueError(imagenet_latents_message(config))
+  if config.latent.vae:
+    _require(not config.sample.clip_denoised,
+             "config.sample.clip_denoised=True clamps each x_0 estimate to [-1, 1], which distorts latents "
+             f"(config.latent.vae={config.latent.vae!r}); set it to False, as DiT samples latents.")
   model = models.build(config.model)  # Checks the model's own fields and shapes.
   objectives.check_dynamic_config(config)
   _require(config.sample.guidance_channels <= model.in_channels,
            f"config.sample.guidance_channels={config.sample.guidance_channels} but the model predicts "
            f"{model.in_channels} channel(s); use 0 (guide all channels) or at most {model.in_channels}.")
-  _require(model.input_size == config.data.image_size,
-           f"config.model.input_size={model.input_size} but config.data.image_size={config.data.image_size}; in "
-           "pixel space they must be equal.")
+  if not latent_data:
+    downsample = LATENT_DOWNSAMPLING if config.latent.vae else 1
+    _require(model.input_size * downsample == config.data.image_size,
+             f"config.model.input_size={model.input_size} but config.data.image_size={config.data.image_size}; "
+             + (f"the VAE ({config.latent.vae!r}) encodes to 1/{downsample} of the image side, so they must be "
+                f"image_size / {downsample}." if config.latent.vae else "in pixel space they must be equal."))
+
+
+def imagenet_latents_message(config) -> str:
+  """What to prepare, and how, before a latent-space run (the ImageNet configs) can start."""
+  return (
+      "this run trains on SD-VAE latents and needs "
+      + " and ".join(name for name, value in (("config.data.latent_dir", config.data.latent_dir),
+                                               ("config.latent.vae", config.latent.vae)) if not value)
+      + ". To prepare them (docs/imagenet.md):\n"
+      "  1. ImageNet as tfds imagenet2012 in array_record format (or any folder of class subfolders);\n"
+      "  2. the VAE weights: huggingface-cli download stabilityai/sd-vae-ft-ema config.json "
+      "diffusion_pytorch_model.safetensors --local-dir sd-vae-ft-ema;\n"
+      "  3. python -m dyngen.latent.extract --data=imagenet2012 --vae=sd-vae-ft-ema --output=LATENTS "
+      "--image_size=256;\n"
+      "then rerun with --config.data.latent_dir=LATENTS --config.latent.vae=sd-vae-ft-ema "
+      "(or ':runlocal' for a smoke run on the embedded digits).")
 
 
 def check_devices(config, num_devices: int, process_count: int = 1) -> None:
@@ -232,6 +256,8 @@ def check_devices(config, num_devices: int, process_count: int = 1) -> None:
 def check_dataset(config, info) -> None:
   """The model against the dataset it will be trained on (`info`: a `dyngen.data.DatasetInfo`)."""
   height, _, channels = info.image_shape
+  if config.latent.vae and config.data.name != data_lib.LATENTS:  # Images encoded on the fly.
+    height, channels = height // LATENT_DOWNSAMPLING, 4
   _require(config.model.in_channels == channels,
            f"config.model.in_channels={config.model.in_channels} but {info.name} images have {channels} "
            "channel(s).")

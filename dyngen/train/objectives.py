@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 
 # Stable ids of the step's random streams (never renumber: runs depend on them).
-KEY_PURPOSES = {"timestep": 0, "noise": 1, "label_dropout": 2, "gumbel": 3}
+KEY_PURPOSES = {"timestep": 0, "noise": 1, "label_dropout": 2, "gumbel": 3, "latent": 4}
 DYNAMIC_FAMILIES = ("dydit", "dydig")
 
 

@@ -64,6 +64,8 @@ class Run:
     config_checks.check_config(config, num_devices=len(devices), process_count=jax.process_count())
     self.config = config
     if check_dataset:  # Sampling needs no data (and ImageNet need not be on the sampling machine).
+      if config.data.name == data_lib.LATENTS and not config.data.latent_dir:
+        raise ValueError(config_checks.imagenet_latents_message(config))
       config_checks.check_dataset(config, data_lib.dataset_info(config.data))
     self.model = models.build(config.model)
     self.mesh = sharding.create_mesh(config.mesh, devices)
@@ -118,7 +120,45 @@ class Run:
 
   def sampler(self) -> sample_lib.Sampler:
     return sample_lib.Sampler(self.model, self.config.diffusion, self.config.sample, mesh=self.mesh,
-                              rules=self.rules, param_shardings=self.state_shardings.ema_params)
+                              rules=self.rules, param_shardings=self.state_shardings.ema_params,
+                              decode=self.decode_latents if self.config.latent.vae else None)
+
+  @functools.cached_property
+  def vae(self):
+    """The SD-VAE of `config.latent.vae` (loaded on first use)."""
+    from dyngen import latent  # Local import: pixel-space runs never load the VAE code.
+    logging.info("Loading the VAE from %s.", self.config.latent.vae)
+    return latent.load_autoencoder(self.config.latent.vae)
+
+  def decode_latents(self, z) -> np.ndarray:
+    """Sampled latents (N, h, w, 4) in model space -> images (N, H, W, 3) in [-1, 1]."""
+    return np.asarray(self.vae.decode(np.asarray(z) / self.config.latent.scale_factor))
+
+  @functools.cached_property
+  def prepare_batch(self):
+    """(rng, step, host batch) -> the train step's global {"image", "label"} in model space.
+
+    Pixel space: the batch as it is. Extracted latents ({"mean", "std", "label"}): the posterior sample
+    scale · (mean + std · ε), drawn with the step's "latent" key (DiT draws a new one each time an image
+    is seen). Images with `config.latent.vae`: encoded on the fly, the posterior sampled with that key.
+    """
+    scale = self.config.latent.scale_factor
+    if self.config.data.name == data_lib.LATENTS:
+      def prepare(rng, step, batch, vae_params=None):
+        return data_lib.latents.training_batch(batch, objectives.step_keys(rng, step)["latent"], scale)
+    elif self.config.latent.vae:
+      def prepare(rng, step, batch, vae_params=None):
+        key = objectives.step_keys(rng, step)["latent"]
+        return {"image": self.vae.encode_scaled_fn(vae_params, batch["image"], key), "label": batch["label"]}
+    else:
+      return lambda rng, step, batch: sharding.make_global_batch(batch, self.batch_sharding)
+    prepare = jax.jit(prepare, out_shardings=self.batch_sharding)
+    vae_params = self.vae.params if self.config.latent.vae and self.config.data.name != data_lib.LATENTS else None
+
+    def prepare_global(rng, step, batch):
+      return prepare(rng, step, sharding.make_global_batch(batch, self.batch_sharding), vae_params)
+
+    return prepare_global
 
 
 def check_finite(metrics_per_step: Sequence[dict], first_step: int, workdir, last_saved_step) -> None:
@@ -163,13 +203,15 @@ def write_sample_grid(run: Run, sampler: sample_lib.Sampler, params, step: int, 
 
 
 def width_picture(model, params, timesteps) -> np.ndarray:
-  """uint8 (2L+1, S, 3) picture of a routed model's widths: rows are layers (head fractions on top, MLP-group
+  """uint8 picture of a routed model's widths: bands of rows are layers (head fractions on top, MLP-group
   fractions below, a white separator), columns the sampling steps from t = max (left) to 0; white = full."""
   from dyngen.models import dydit  # Local import: only routed families have widths.
   timesteps = np.asarray(sorted(timesteps, reverse=True), np.int32)
   masks = jax.device_get(dydit.width_masks(model, params, jnp.asarray(timesteps)))
   head, mlp = (masks[name].mean(-1).T for name in ("head_mask", "mlp_mask"))  # (L, S) fractions
   gray = np.concatenate([head, np.ones((1, head.shape[1])), mlp], axis=0)
+  # Each layer a band of 8 rows, each step at least 4 columns wide, so that a small model is visible.
+  gray = np.repeat(np.repeat(gray, 8, axis=0), max(1, 512 // gray.shape[1]), axis=1)
   return np.repeat((255 * gray).astype(np.uint8)[..., None], 3, axis=-1)
 
 
@@ -178,7 +220,7 @@ def write_width_picture(run: Run, sampler: sample_lib.Sampler, params, step: int
   writer.write_images(step, {"widths": picture[None]})
   path = epath.Path(workdir) / SAMPLES_SUBDIR / f"widths_step_{step}.png"
   if jax.process_index() == 0:
-    sample_lib.write_png(path, picture, upscale=max(1, 256 // picture.shape[1]))
+    sample_lib.write_png(path, picture)
   return str(path)
 
 
@@ -281,7 +323,7 @@ def _train_loop(run: Run, workdir, writer, train_iter, manager):
   with run.context():
     for step in range(start_step + 1, config.num_train_steps + 1):
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
-        batch = sharding.make_global_batch(next(train_iter), run.batch_sharding)
+        batch = run.prepare_batch(state.rng, state.step, next(train_iter))
         state, metrics = train_step(state, batch)
       pending_metrics.append(metrics)
       for action in actions:
@@ -355,44 +397,91 @@ def _flatten(tree, prefix=""):
   return flat
 
 
+def _with_checkpoint_settings(config, saved_config):
+  """`config` with the model, diffusion and latent settings the checkpoint was trained with (they decide what
+  the weights mean); a difference from --config is logged, never silently used."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  for section in ("model", "diffusion", "latent"):
+    if section not in saved_config:
+      continue
+    ours, theirs = (checkpoint.config_to_json_dict(c[section]) for c in (config, saved_config))
+    if section == "latent" and config.latent.vae and ours != theirs:
+      continue  # The VAE's path on this machine may differ from the training machine's: --config's wins.
+    if ours != theirs:
+      logging.warning("config.%s differs from the checkpoint's; sampling with the checkpoint's: %s", section,
+                      saved_config[section])
+      config[section] = saved_config[section]
+  return config
+
+
 def sample(config: ml_collections.ConfigDict, workdir) -> str:
   """`--mode=sample`: `sample.num_samples` images of the EMA weights -> workdir/samples/*.npz and a PNG grid.
 
   The weights come from `config.sample.checkpoint` (any path `checkpoint.load_for_inference` accepts) or,
-  when empty, from the newest checkpoint in `workdir`. Labels are balanced over the classes.
+  when empty, from the newest checkpoint in `workdir`; the model, diffusion and latent settings are the
+  checkpoint's. Labels are balanced over the classes. Latent models are decoded with `config.latent.vae`.
+
+  Resumable: each batch of `sample.batch_size` images is written to <name>/batch_<i>.npz as it finishes
+  (atomically, by process 0); a rerun of the same command samples only the missing batches (batch i always
+  draws from fold_in(key(seed), i), so the result equals an uninterrupted run), then writes <name>.npz.
 
   Returns:
     The path of the .npz file.
   """
   source = config.sample.checkpoint or str(workdir)
   saved_config, ema_params = checkpoint.load_for_inference(source)
-  if checkpoint.config_to_json_dict(config.model) != checkpoint.config_to_json_dict(saved_config.model):
-    logging.warning("The checkpoint's model config differs from --config's; using the checkpoint's: %s",
-                    saved_config.model)
-    config = ml_collections.ConfigDict(config.to_dict())
-    config.model = saved_config.model
+  config = _with_checkpoint_settings(config, saved_config)
   run = Run(config, check_dataset=False)
   ema_params = jax.device_put(ema_params, run.state_shardings.ema_params)
   sampler = run.sampler()
   sample_config = config.sample
   labels = sample_lib.balanced_labels(sample_config.num_samples, run.model.num_classes)
-  start = time.perf_counter()
-  images = sampler.generate(ema_params, labels, cfg_scale=sample_config.cfg_scale, seed=sample_config.seed)
-  seconds = time.perf_counter() - start
-  routing = sampler.routing_summary()
   name = (f"{config.model.name}_{sample_config.sampler}{sample_config.num_steps}_cfg{sample_config.cfg_scale}_"
           f"seed{sample_config.seed}_n{sample_config.num_samples}")
   out = epath.Path(workdir) / SAMPLES_SUBDIR
   npz_path = out / f"{name}.npz"
-  if jax.process_index() == 0:
-    sample_lib.write_npz(npz_path, images, labels)
+  batches_dir = out / name
+  batch_size = sample_config.batch_size
+  num_batches = -(-len(labels) // batch_size)
+  batch_path = lambda index: batches_dir / f"batch_{index:06d}.npz"
+  # Decided once, before this run writes anything, so every host skips the same batches.
+  todo = [] if npz_path.exists() else [i for i in range(num_batches) if not batch_path(i).exists()]
+  if npz_path.exists():
+    logging.info("%s exists: nothing to sample.", npz_path)
+  elif len(todo) < num_batches:
+    logging.info("Resuming: %d of %d sample batches already in %s.", num_batches - len(todo), num_batches,
+                 batches_dir)
+  start = time.perf_counter()
+  for done, index in enumerate(todo, start=1):
+    images = sampler.generate(ema_params, labels[index * batch_size:(index + 1) * batch_size],
+                              cfg_scale=sample_config.cfg_scale, seed=sample_config.seed, first_chunk=index)
+    if jax.process_index() == 0:
+      batches_dir.mkdir(parents=True, exist_ok=True)
+      partial = batches_dir / f".batch_{index:06d}.npz.partial"
+      sample_lib.write_npz(partial, images, labels[index * batch_size:(index + 1) * batch_size])
+      partial.rename(batch_path(index))
+    elapsed = time.perf_counter() - start
+    rate = done * batch_size / elapsed
+    logging.info("Sampled batch %d/%d (%d images): %.2f images/s, ETA %.0f s.", num_batches - len(todo) + done,
+                 num_batches, len(images), rate, (len(todo) - done) * batch_size / rate)
+  seconds = time.perf_counter() - start
+  routing = sampler.routing_summary()
+  if jax.process_index() == 0 and not npz_path.exists():
+    arrays = [np.load(batch_path(i).as_posix()) for i in range(num_batches)]
+    images = np.concatenate([a["arr_0"] for a in arrays])
+    sample_lib.write_npz(npz_path, images, np.concatenate([a["arr_1"] for a in arrays]))
     sample_lib.write_png(out / f"{name}.png", sample_lib.image_grid(images[:100]),
-                         upscale=max(1, 64 // run.model.input_size))
+                         upscale=max(1, 64 // images.shape[1]))
     if routing:
       (out / f"{name}_routing.json").write_text(json.dumps(routing, indent=2, sort_keys=True))
+    for i in range(num_batches):
+      batch_path(i).unlink()
+    batches_dir.rmdir()
   if routing:
     logging.info("Achieved FLOPs ratio over the sampling schedule: %.4f (of the dense model's).",
                  routing["flops_ratio"])
-  logging.info("Wrote %d samples (%.1f s, %.1f images/s) to %s.", len(images), seconds, len(images) / seconds,
-               npz_path)
+  if todo:
+    logging.info("Wrote %d samples (%.1f s for %d new, %.2f images/s) to %s.", len(labels), seconds,
+                 min(len(todo) * batch_size, len(labels)), min(len(todo) * batch_size, len(labels)) / seconds,
+                 npz_path)
   return str(npz_path)
