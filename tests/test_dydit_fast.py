@@ -241,3 +241,24 @@ def test_the_knob_lowers_the_achieved_ratio(model_and_params, fast_and_masked):
   assert summary["flops_ratio"] < uncapped["flops_ratio"] - 0.05
   assert summary["flops_ratio_executed"] < uncapped["flops_ratio_executed"]
   assert summary["tokens_cut"] > 0 and summary["token_cut_fraction"] > 0  # the router wanted more than 8
+
+
+def test_scanned_params_give_the_same_plan_and_slices(model_and_params):
+  """`scan_blocks=True` stores the blocks stacked under "blocks": the plan and the gathered slices are the same."""
+  model, params = model_and_params
+  scanned = models.build(tiny_config(scan_blocks=True))
+  stacked = layers.stack_block_params(params, model.depth)
+  options = routing_plan.RoutingOptions(calibrate_tokens=False, max_programs=2)
+  timestep_map = sample_lib.sampling_diffusion(ml_collections.ConfigDict(dict(noise_schedule="linear")),
+                                               ml_collections.ConfigDict(dict(sampler="ddpm", num_steps=NUM_STEPS)),
+                                               True).timestep_map
+  plan = routing_plan.make_plan(model, params, timestep_map, options)
+  plan_scanned = routing_plan.make_plan(scanned, stacked, timestep_map, options)
+  np.testing.assert_array_equal(plan_scanned.head_active, plan.head_active)
+  np.testing.assert_array_equal(plan_scanned.capacities, plan.capacities)
+  assert plan_scanned.calls == plan.calls
+  block_plans = plan.block_plans(plan.calls[-1])
+  for mine, theirs in zip(dydit_fast.gather(model, params, block_plans), dydit_fast.gather(scanned, stacked, block_plans)):
+    for (path, value), (_, expected) in zip(jax.tree_util.tree_leaves_with_path(theirs),
+                                            jax.tree_util.tree_leaves_with_path(mine)):
+      np.testing.assert_array_equal(value, expected, err_msg=jax.tree_util.keystr(path))

@@ -47,7 +47,8 @@ flags.DEFINE_integer("batch", 2, "Images per sampling call (the guided model run
 flags.DEFINE_float("cfg_scale", 1.5, "Classifier-free guidance scale (1 = unguided).")
 flags.DEFINE_integer("repeats", 3, "Timed runs of each path (interleaved).")
 flags.DEFINE_integer("warmup", 1, "Untimed runs of each path first (every program is compiled before either).")
-flags.DEFINE_integer("max_programs", 2, "The fast path's program budget (config.sample.max_programs).")
+flags.DEFINE_integer("max_programs", 4, "The fast path's program budget (config.sample.max_programs).")
+flags.DEFINE_integer("token_buckets", 32, "Calibrated token counts round up to multiples of N / token_buckets.")
 flags.DEFINE_float("width_cap", 1.0, "The fast path's width cap (config.sample.width_cap).")
 flags.DEFINE_float("token_capacity", 1.0, "The fast path's token capacity cap (config.sample.token_capacity).")
 flags.DEFINE_integer("placement_passes", 1, "Sampling passes placing the token-router biases (see above).")
@@ -169,7 +170,7 @@ def bench_one(variant, target, sample_config, diffusion):
   masked_compile = time.perf_counter() - start
 
   options = routing_plan.RoutingOptions(width_cap=FLAGS.width_cap, token_capacity=FLAGS.token_capacity,
-                                        max_programs=FLAGS.max_programs)
+                                        token_buckets=FLAGS.token_buckets, max_programs=FLAGS.max_programs)
   start = time.perf_counter()
   counts = routing_plan.calibrate_token_counts(diffusion, model, params, x_T, y, FLAGS.cfg_scale, loop_key,
                                                sample_config)

@@ -322,10 +322,16 @@ def _model_fn_of(model, apply_fn, y, cfg_scale, guided, sample_config):
   return lambda x, t: apply_fn(x, t, y)
 
 
-def calibrate_token_counts(diffusion, model: dydit.Model, params, x_T, y, cfg_scale, key, sample_config):
+def calibrate_token_counts(diffusion, model: dydit.Model, params, x_T, y, cfg_scale, key, sample_config, cache=None):
   """The masked model's sampling loop (x_T, y: the batch as run, guided halves included) -> (S, L) int:
-  per step (run order) and block, the most tokens any row's router wanted."""
+  per step (run order) and block, the most tokens any row's router wanted.
+
+  cache: a dict keeping the jitted loop between calls (keyed by guidance on/off), or None.
+  """
   guided = cfg_scale != 1.0
+  if cache is not None and guided in cache:
+    run = cache[guided]
+    return np.asarray(jax.device_get(run(params, x_T, y, jnp.float32(cfg_scale), key))).round().astype(np.int64)
   step = _step_fn(diffusion, sample_config)
   num_steps = diffusion.num_timesteps
 
@@ -346,6 +352,8 @@ def calibrate_token_counts(diffusion, model: dydit.Model, params, x_T, y, cfg_sc
     indices = jnp.arange(num_steps - 1, -1, -1, dtype=jnp.int32)
     return jax.lax.scan(body, x_T, (indices, jax.random.split(key, num_steps)))[1]
 
+  if cache is not None:
+    cache[guided] = run
   return np.asarray(jax.device_get(run(params, x_T, y, jnp.float32(cfg_scale), key))).round().astype(np.int64)
 
 
@@ -364,6 +372,7 @@ class FastSampler:
     self.param_shardings, self.batch_sharding, self.replicated = param_shardings, batch_sharding, replicated
     self._programs = {}
     self.compile_seconds = 0.0
+    self.calibration_cache = {}  # The jitted masked calibration loops, by guidance on/off.
 
   @property
   def programs_compiled(self):

@@ -192,7 +192,8 @@ class Sampler:
       if token_counts is None:
         start = time.perf_counter()
         token_counts = routing_plan.calibrate_token_counts(self.diffusion, self.model, params, x_T, y, cfg_scale,
-                                                           loop_key, self.sample_config)
+                                                           loop_key, self.sample_config,
+                                                           cache=self.fast_sampler.calibration_cache)
         self.calibration_seconds += time.perf_counter() - start
         if self._token_counts is not None:
           self._token_counts[guided] = token_counts
