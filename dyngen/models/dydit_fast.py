@@ -56,11 +56,10 @@ def gather_block(model: dydit.Model, p, plan: BlockPlan):
   """A block's parameters (blocks_i) -> the slices its plan runs on, in the compute dtype.
 
   Gathered once per run of steps with the same units (not per step): on CPU the gather costs about a copy
-  of the slices, a tenth of a step's matmul time at XL/2 if repeated every step.
+  of the slices, a few percent of a step's matmul time at XL/2 if repeated every step.
   """
   dtype = model.compute_dtype
   width, heads = model.hidden_size, model.num_heads
-  count = plan.head_index.shape[0]
   attn, mlp = p["attn"], p["mlp"]
   qkv_kernel = jnp.take(attn["qkv"]["kernel"], plan.head_index, axis=2).reshape(width, -1)  # (D, 3 h Dh)
   qkv_bias = jnp.take(attn["qkv"]["bias"], plan.head_index, axis=1).reshape(-1)
@@ -79,8 +78,7 @@ def gather_block(model: dydit.Model, p, plan: BlockPlan):
       proj_bias=cast(attn["proj"]["bias"]), token_router=p["token_router"],
       fc1_kernel=cast(fc1_kernel.reshape(width, -1)), fc1_bias=cast(fc1_bias.reshape(-1)),
       fc2_kernel=cast(fc2_kernel.reshape(-1, width)), fc2_bias=cast(mlp["fc2"]["bias"]),
-      head_fraction=jnp.sum(plan.head_mask) / heads, group_fraction=jnp.sum(plan.group_mask) / heads,
-      heads=count)
+      head_fraction=jnp.sum(plan.head_mask) / heads, group_fraction=jnp.sum(plan.group_mask) / heads)
 
 
 def block(model: dydit.Model, g, x, cond: layers.Conditioning, tokens: int):
@@ -97,7 +95,8 @@ def block(model: dydit.Model, g, x, cond: layers.Conditioning, tokens: int):
 
   # Attention on the gathered heads.
   h = layers.modulate(_layer_norm(x, dtype), shift_msa, scale_msa).astype(dtype)
-  qkv = _linear(h, g["qkv_kernel"], g["qkv_bias"], dtype).reshape(batch, num_tokens, 3, g["heads"], head_dim)
+  count = g["qkv_bias"].shape[0] // (3 * head_dim)  # gathered heads
+  qkv = _linear(h, g["qkv_kernel"], g["qkv_bias"], dtype).reshape(batch, num_tokens, 3, count, head_dim)
   out = attention_lib.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], model.attention,
                                             model.attention_chunk_size)  # (B, N, h, Dh)
   out = _linear(out.reshape(batch, num_tokens, -1), g["proj_kernel"], g["proj_bias"], dtype)

@@ -14,13 +14,14 @@ the schedule (`timestep_map`) and the routers. `make_plan`:
      segment. More than `max_programs` segments are merged, adjacent ones, into at most `max_programs`,
      the partition that adds the fewest executed FLOPs (dynamic programming; a merged segment runs at the
      elementwise largest capacities of its steps).
-`FastSampler` compiles one program per distinct signature (and batch shape, guidance on/off): it gathers
-the weight slices of its call's units (indices and masks are inputs, so a program depends on its capacities
-alone), then runs a `fori_loop` over the call's steps [lo, hi). A call is a segment cut where some block's
-units change (their count within a segment does not), so the slices are gathered once per call. A step's
+`FastSampler` compiles one step loop per distinct signature (and batch shape, guidance on/off): a
+`fori_loop` over a call's steps [lo, hi) on gathered weight slices, which are its inputs, so it depends on
+its capacities alone; and one gather of the slices per distinct width signature (the units' indices and
+masks are its inputs). A call is a segment cut where some block's units change (their count within a
+segment does not); the slices are gathered again only when a call's units differ from the last ones. A step's
 noise is drawn from the k-th of `split(key, S)` (as `GaussianDiffusion.p_sample_loop` and the masked
-`routed_sample_loop`), whatever the segmentation. Programs compiled <= distinct signatures <= segments <=
-max_programs, per batch shape and guidance setting.
+`routed_sample_loop`), whatever the segmentation. Step loops compiled <= distinct signatures <= segments <=
+max_programs, and as many gathers at most, per batch shape and guidance setting.
 """
 import dataclasses
 import math
@@ -161,6 +162,11 @@ class SamplingPlan:
   def signatures(self):
     """The distinct signatures, in order of first use: one compiled program each."""
     return list(dict.fromkeys(segment.signature for segment in self.segments))
+
+  @property
+  def width_signatures(self):
+    """The distinct (heads, groups) per block of the signatures: one compiled gather each."""
+    return list(dict.fromkeys(tuple(block[:2] for block in signature) for signature in self.signatures))
 
   def split_every_step(self) -> "SamplingPlan":
     """The same plan with every step its own call (same signatures: the samples must not change)."""
@@ -361,9 +367,11 @@ STAT_NAMES = ("flops_ratio", "wanted", "kept", "unwanted_run")
 
 
 class FastSampler:
-  """Runs a `SamplingPlan` for a DyDiT: one compiled program per (signature, batch shape, guidance).
+  """Runs a `SamplingPlan` for a DyDiT. mesh / shardings as `dyngen.train.sample.Sampler` (None: unannotated).
 
-  mesh / rules / shardings as `dyngen.train.sample.Sampler` (None: no sharding annotations).
+  Two kinds of compiled programs: a step loop per (signature, batch shape, guidance), and a gather of the
+  weight slices per width signature (heads, groups per block). A call's slices are gathered only when its
+  units differ from the previous call's (a new token capacity alone reuses them).
   """
 
   def __init__(self, model: dydit.Model, diffusion, sample_config, *, param_shardings=None, batch_sharding=None,
@@ -372,65 +380,89 @@ class FastSampler:
     self.param_shardings, self.batch_sharding, self.replicated = param_shardings, batch_sharding, replicated
     self._programs = {}
     self.compile_seconds = 0.0
+    self.gathers = 0  # Gather runs so far (one per change of units).
     self.calibration_cache = {}  # The jitted masked calibration loops, by guidance on/off.
 
   @property
   def programs_compiled(self):
+    """Step loops and gathers compiled so far (<= 2 max_programs per batch shape and guidance setting)."""
     return len(self._programs)
 
-  def _program(self, signature, guided, args):
-    key = (signature, guided, args[1].shape)
+  def _compiled(self, key, fn, args, in_shardings, out_shardings):
     if key not in self._programs:
-      model, sample_config = self.model, self.sample_config
-      step = _step_fn(self.diffusion, sample_config)
-      num_steps = self.diffusion.num_timesteps
-
-      def run(params, x, y, cfg_scale, lo, hi, keys, plans, stats):
-        """x: (B', H, W, C) the state before step lo; plans: per block a BlockPlan of the steps [lo, hi)."""
-        blocks = dydit_fast.gather(model, params, plans)
-
-        def body(k, carry):
-          x, stats = carry
-          captured = {}
-
-          def apply_fn(x, t, y):
-            out, step_stats = dydit_fast.forward_gathered(model, params, blocks, x, t, y, signature)
-            captured.update({name: jnp.mean(value) if name == "flops_ratio" else jnp.sum(value)
-                             for name, value in step_stats.items()})
-            return out
-
-          x = step(_model_fn_of(model, apply_fn, y, cfg_scale, guided, sample_config), x, num_steps - 1 - k, keys[k])
-          stats = {name: stats[name].at[k].set(captured[name].astype(stats[name].dtype)) for name in stats}
-          return x, stats
-
-        return jax.lax.fori_loop(lo, hi, body, (x, stats))
-
       shardings = {}
       if self.batch_sharding is not None:
-        r = self.replicated
-        shardings = dict(in_shardings=(self.param_shardings, self.batch_sharding, self.batch_sharding, r, r, r, r, r, r),
-                         out_shardings=(self.batch_sharding, r))
+        shardings = dict(in_shardings=in_shardings, out_shardings=out_shardings)
       start = time.perf_counter()
-      self._programs[key] = jax.jit(run, **shardings).lower(*args).compile()
+      self._programs[key] = jax.jit(fn, **shardings).lower(*args).compile()
       self.compile_seconds += time.perf_counter() - start
     return self._programs[key]
 
-  def _call_args(self, params, plan, x, y, cfg_scale, key):
+  def _gather_program(self, signature, args):
+    model = self.model
+    width = tuple((heads, groups) for heads, groups, _ in signature)
+    return self._compiled(("gather", width), lambda params, plans: dydit_fast.gather(model, params, plans), args,
+                          (self.param_shardings, self.replicated), self.replicated)
+
+  def _loop_program(self, signature, guided, args):
+    model, sample_config = self.model, self.sample_config
+    step = _step_fn(self.diffusion, sample_config)
+    num_steps = self.diffusion.num_timesteps
+
+    def run(params, blocks, x, y, cfg_scale, lo, hi, keys, stats):
+      """x: (B', H, W, C) the state before step lo; blocks: the gathered slices of the steps [lo, hi)."""
+      def body(k, carry):
+        x, stats = carry
+        captured = {}
+
+        def apply_fn(x, t, y):
+          out, step_stats = dydit_fast.forward_gathered(model, params, blocks, x, t, y, signature)
+          captured.update({name: jnp.mean(value) if name == "flops_ratio" else jnp.sum(value)
+                           for name, value in step_stats.items()})
+          return out
+
+        x = step(_model_fn_of(model, apply_fn, y, cfg_scale, guided, sample_config), x, num_steps - 1 - k, keys[k])
+        stats = {name: stats[name].at[k].set(captured[name].astype(stats[name].dtype)) for name in stats}
+        return x, stats
+
+      return jax.lax.fori_loop(lo, hi, body, (x, stats))
+
+    r, b = self.replicated, self.batch_sharding
+    return self._compiled(("loop", signature, guided, args[2].shape), run, args,
+                          (self.param_shardings, r, b, b, r, r, r, r, r), (b, r))
+
+  def _calls(self, params, plan, x_T, y, cfg_scale, key, execute):
+    """Runs (execute) or only compiles the plan's calls; returns (x, stats) of the last call when run."""
     num_steps = self.diffusion.num_timesteps
     if plan.num_steps != num_steps:
       raise ValueError(f"the plan has {plan.num_steps} steps, the sampling diffusion {num_steps}")
+    guided = cfg_scale != 1.0
     keys = jax.random.split(key, num_steps)
     stats_dtype = layers.at_least_float32(self.model.compute_dtype)
     stats = {name: jnp.zeros((num_steps,), stats_dtype) for name in STAT_NAMES}
     cfg = jnp.float32(cfg_scale)
+    x, blocks, units = x_T, None, None
     for call in plan.calls:
-      yield call, [params, x, y, cfg, jnp.int32(call.start), jnp.int32(call.stop), keys, plan.block_plans(call), stats]
+      call_units = plan.units(call.start, call.signature)
+      if units is None or not _same_units(call_units, units):
+        gather_args = (params, plan.block_plans(call))
+        gather = self._gather_program(call.signature, gather_args)
+        if execute:
+          blocks = gather(*gather_args)
+          self.gathers += 1
+        else:
+          blocks = jax.eval_shape(lambda p, q: dydit_fast.gather(self.model, p, q), *gather_args)
+        units = call_units
+      args = (params, blocks, x, y, cfg, jnp.int32(call.start), jnp.int32(call.stop), keys, stats)
+      loop = self._loop_program(call.signature, guided, args)
+      if execute:
+        x, stats = loop(*args)
+    return x, stats
 
   def compile(self, params, plan: SamplingPlan, x_T, y, cfg_scale, key):
     """Compiles the programs `run` will call (without running them); returns the compile seconds spent."""
     before = self.compile_seconds
-    for call, args in self._call_args(params, plan, x_T, y, cfg_scale, key):
-      self._program(call.signature, cfg_scale != 1.0, args)
+    self._calls(params, plan, x_T, y, cfg_scale, key, execute=False)
     return self.compile_seconds - before
 
   def run(self, params, plan: SamplingPlan, x_T, y, cfg_scale, key):
@@ -439,11 +471,7 @@ class FastSampler:
     Returns (x_0 (B', H, W, C), per-step stats {name: (S,) numpy}: flops_ratio (mean over rows of what the
     masks kept), wanted, kept, unwanted_run (token counts summed over rows and blocks), flops_ratio_executed).
     """
-    guided = cfg_scale != 1.0
-    x, stats = x_T, None
-    for call, args in self._call_args(params, plan, x_T, y, cfg_scale, key):
-      args[1], args[-1] = x, (args[-1] if stats is None else stats)  # the state and stats of the call before
-      x, stats = self._program(call.signature, guided, args)(*args)
+    x, stats = self._calls(params, plan, x_T, y, cfg_scale, key, execute=True)
     stats = {name: np.asarray(jax.device_get(value)) for name, value in stats.items()}
     stats["flops_ratio_executed"] = plan.executed_flops_ratio()
     return x, stats
