@@ -261,7 +261,8 @@ def test_scanned_params_give_the_same_plan_and_slices(model_and_params):
   np.testing.assert_array_equal(plan_scanned.capacities, plan.capacities)
   assert plan_scanned.calls == plan.calls
   block_plans = plan.block_plans(plan.calls[-1])
-  for mine, theirs in zip(dydit_fast.gather(model, params, block_plans), dydit_fast.gather(scanned, stacked, block_plans)):
+  gathered = dydit_fast.gather(model, params, block_plans)
+  for mine, theirs in zip(gathered, dydit_fast.gather(scanned, stacked, block_plans)):
     for (path, value), (_, expected) in zip(jax.tree_util.tree_leaves_with_path(theirs),
                                             jax.tree_util.tree_leaves_with_path(mine)):
       np.testing.assert_array_equal(value, expected, err_msg=jax.tree_util.keystr(path))

@@ -230,14 +230,16 @@ def run_benchmark():
           for variant in FLAGS.variants for target in FLAGS.ratios]
   load_after = os.getloadavg()
   header = ["model", "target ratio", "achieved ratio (executed)", "dense s", "masked s", "fast s",
-            "masked / dense", "dense / fast", "dense / fast, process CPU s", "programs (segments: steps)", "compile s dense / masked / fast",
+            "masked / dense", "dense / fast", "dense / fast, process CPU s", "programs (segments: steps)",
+            "compile s dense / masked / fast",
             "calibration s", "fast vs masked (max rel.)", "load avg (1 min) during"]
   table = []
   for r in rows:
     table.append([r["model"], f"{r['target_flops_ratio']:.2f}",
                   f"{r['achieved_flops_ratio']:.3f} ({r['executed_flops_ratio']:.3f})", f"{r['dense_s']:.2f}",
                   f"{r['masked_s']:.2f}", f"{r['fast_s']:.2f}", f"{r['masked_s'] / r['dense_s']:.2f}x",
-                  f"**{r['fast_speedup']:.2f}x**", f"{r['fast_cpu_speedup']:.2f}x", f"{r['programs_compiled']} ({r['segments']}: "
+                  f"**{r['fast_speedup']:.2f}x**", f"{r['fast_cpu_speedup']:.2f}x",
+                  f"{r['programs_compiled']} ({r['segments']}: "
                   f"{'+'.join(map(str, r['steps_per_segment']))})",
                   f"{r['dense_compile_s']:.1f} / {r['masked_compile_s']:.1f} / {r['fast_compile_s']:.1f}",
                   f"{r['calibration_s']:.1f}", f"{r['max_abs_diff_fast_masked']:.1e}",
@@ -247,7 +249,8 @@ def run_benchmark():
   text = (f"{FLAGS.steps}-step DDPM sampling of {FLAGS.batch} images, classifier-free guidance {FLAGS.cfg_scale} "
           f"(the model runs on {rows[0]['rows']} rows), 32x32x4 latents (256 tokens), float32, on "
           f"{device.platform} ({device.device_kind}, {os.cpu_count()} CPU cores), jax {jax.__version__}. Median "
-          f"of {FLAGS.repeats} interleaved runs per path after {FLAGS.warmup} warm-up run(s), every program compiled first. Load average (1/5/15 min) {load[0]} "
+          f"of {FLAGS.repeats} interleaved runs per path after {FLAGS.warmup} warm-up run(s), every program "
+          f"compiled first. Load average (1/5/15 min) {load[0]} "
           f"at the start, {load[1]} at the end. Achieved ratio: the official ratio of what the masks kept "
           f"(the masked path's, equal); executed: padding units and every selected token counted as computed. "
           f"fast vs masked: the largest difference of the samples relative to the largest sample value.\n\n"

@@ -261,7 +261,8 @@ def make_plan(model: dydit.Model, params, timestep_map, options: RoutingOptions,
   block (`calibrate_token_counts`), used when options.calibrate_tokens (required then)."""
   heads, tokens = model.num_heads, model.num_tokens
   timesteps = np.asarray(timestep_map, np.int32)[::-1].copy()
-  head_logits, group_logits = (np.asarray(jax.device_get(v), np.float64) for v in width_logits(model, params, timesteps))
+  head_logits, group_logits = (np.asarray(jax.device_get(logits), np.float64)
+                               for logits in width_logits(model, params, timesteps))
   width_count = math.ceil(options.width_cap * heads - 1e-9)
   head_active = _capped_active(head_logits, model, width_count)
   group_active = _capped_active(group_logits, model, width_count)
