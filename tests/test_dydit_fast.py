@@ -76,9 +76,9 @@ def test_fast_equals_masked_across_segments_and_buckets(fast_and_masked):
   np.testing.assert_allclose(fast["flops_ratio"], masked["flops_ratio"], rtol=1e-6)
   assert fast["tokens_cut"] == 0  # calibrated on this batch: the capacity covers every wanted token
   assert fast["flops_ratio"] <= fast["flops_ratio_executed"] < 1
-  # One step loop per signature (<= max_programs = 2) and one gather per width signature.
+  # One step loop per signature (<= max_programs = 2) and one block gather per (heads, groups) pair.
   assert len(plan.signatures) <= 2
-  assert fast["programs_compiled"] == len(plan.signatures) + len(plan.width_signatures)
+  assert fast["programs_compiled"] == len(plan.signatures) + len(plan.width_capacities)
   assert all(isinstance(value, (int, float)) for value in fast.values())  # scalar writers take it as is
 
 
@@ -91,8 +91,8 @@ def test_samples_do_not_depend_on_the_segmentation(fast_and_masked):
   assert len(every_step.calls) == NUM_STEPS
   stepwise, _ = fast.fast_sampler.run(run["params"], every_step, x_T, y, run["cfg_scale"], loop_key)
   np.testing.assert_array_equal(stepwise, natural)  # same programs, same step keys: bit for bit
-  # No program for the new segmentation; a gather for each call whose units differ from the one before.
-  assert fast.fast_sampler.programs_compiled == len(plan.signatures) + len(plan.width_signatures)
+  # No program for the new segmentation.
+  assert fast.fast_sampler.programs_compiled == len(plan.signatures) + len(plan.width_capacities)
   np.testing.assert_array_equal(natural[:2], run["fast_images"])
 
 
@@ -107,7 +107,8 @@ def test_one_program_budget_merges_to_the_largest_capacities(model_and_params, f
   fast = make_sampler(model, "fast", "ddim", max_programs=1, calibrate_tokens=False)  # every token, no calibration
   images = fast.sample_batch(params, LABELS, KEY, 1.0)
   plan = fast.last_plan
-  assert len(plan.segments) == 1 and fast.fast_sampler.programs_compiled == 2  # a step loop and a gather
+  assert len(plan.segments) == 1
+  assert fast.fast_sampler.programs_compiled == 1 + len(plan.width_capacities)  # a step loop and block gathers
   natural = make_sampler(model, "fast", "ddim").plan(params, token_counts=np.ones((NUM_STEPS, 2), int))
   assert np.all(plan.capacities[..., :2] >= natural.capacities[..., :2].max(axis=0))
   assert_samples_close(images, masked)

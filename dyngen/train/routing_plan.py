@@ -16,12 +16,12 @@ the schedule (`timestep_map`) and the routers. `make_plan`:
      elementwise largest capacities of its steps).
 `FastSampler` compiles one step loop per distinct signature (and batch shape, guidance on/off): a
 `fori_loop` over a call's steps [lo, hi) on gathered weight slices, which are its inputs, so it depends on
-its capacities alone; and one gather of the slices per distinct width signature (the units' indices and
-masks are its inputs). A call is a segment cut where some block's units change (their count within a
-segment does not); the slices are gathered again only when a call's units differ from the last ones. A step's
+its capacities alone; and one gather of a block's slices per (heads, groups) capacity pair (the block and
+its units' indices and masks are inputs). A call is a segment cut where some block's units change (their
+count within a segment does not); only the blocks whose units changed are gathered again. A step's
 noise is drawn from the k-th of `split(key, S)` (as `GaussianDiffusion.p_sample_loop` and the masked
 `routed_sample_loop`), whatever the segmentation. Step loops compiled <= distinct signatures <= segments <=
-max_programs, and as many gathers at most, per batch shape and guidance setting.
+max_programs per batch shape and guidance setting; block gathers <= capacity_buckets² in all.
 """
 import dataclasses
 import math
@@ -164,9 +164,9 @@ class SamplingPlan:
     return list(dict.fromkeys(segment.signature for segment in self.segments))
 
   @property
-  def width_signatures(self):
-    """The distinct (heads, groups) per block of the signatures: one compiled gather each."""
-    return list(dict.fromkeys(tuple(block[:2] for block in signature) for signature in self.signatures))
+  def width_capacities(self):
+    """The distinct (heads, groups) capacity pairs of the blocks: one compiled block gather each."""
+    return list(dict.fromkeys(block[:2] for signature in self.signatures for block in signature))
 
   def split_every_step(self) -> "SamplingPlan":
     """The same plan with every step its own call (same signatures: the samples must not change)."""
@@ -370,9 +370,9 @@ STAT_NAMES = ("flops_ratio", "wanted", "kept", "unwanted_run")
 class FastSampler:
   """Runs a `SamplingPlan` for a DyDiT. mesh / shardings as `dyngen.train.sample.Sampler` (None: unannotated).
 
-  Two kinds of compiled programs: a step loop per (signature, batch shape, guidance), and a gather of the
-  weight slices per width signature (heads, groups per block). A call's slices are gathered only when its
-  units differ from the previous call's (a new token capacity alone reuses them).
+  Two kinds of compiled programs: a step loop per (signature, batch shape, guidance), and a gather of one
+  block's weight slices per (heads, groups) capacity pair. A block's slices are gathered again only when its
+  units differ from those of the call before (another block's change, or a new token capacity, reuses them).
   """
 
   def __init__(self, model: dydit.Model, diffusion, sample_config, *, param_shardings=None, batch_sharding=None,
@@ -386,7 +386,7 @@ class FastSampler:
 
   @property
   def programs_compiled(self):
-    """Step loops and gathers compiled so far (<= 2 max_programs per batch shape and guidance setting)."""
+    """Step loops (<= max_programs per batch shape and guidance) and block gathers (<= capacity_buckets²)."""
     return len(self._programs)
 
   def _compiled(self, key, fn, args, in_shardings, out_shardings):
@@ -399,11 +399,17 @@ class FastSampler:
       self.compile_seconds += time.perf_counter() - start
     return self._programs[key]
 
-  def _gather_program(self, signature, args):
+  def _gather_program(self, heads, groups, scanned, args):
+    """The slices of one block at (heads, groups) capacities: (block params or stacked params, index, plan)."""
     model = self.model
-    width = tuple((heads, groups) for heads, groups, _ in signature)
-    return self._compiled(("gather", width), lambda params, plans: dydit_fast.gather(model, params, plans), args,
-                          (self.param_shardings, self.replicated), self.replicated)
+
+    def gather(block_params, index, plan):
+      if scanned:  # the stacked blocks: this block's slice, at a traced index (one program for every block)
+        block_params = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, index, keepdims=False), block_params)
+      return dydit_fast.gather_block(model, block_params, plan)
+
+    r = self.replicated
+    return self._compiled(("gather", heads, groups, scanned), gather, args, (r, r, r), r)
 
   def _loop_program(self, signature, guided, args):
     model, sample_config = self.model, self.sample_config
@@ -442,18 +448,24 @@ class FastSampler:
     stats_dtype = layers.at_least_float32(self.model.compute_dtype)
     stats = {name: jnp.zeros((num_steps,), stats_dtype) for name in STAT_NAMES}
     cfg = jnp.float32(cfg_scale)
-    x, blocks, units = x_T, None, None
+    scanned = "blocks" in params
+    x, blocks, units = x_T, [None] * self.model.depth, [None] * self.model.depth
     for call in plan.calls:
       call_units = plan.units(call.start, call.signature)
-      if units is None or not _same_units(call_units, units):
-        gather_args = (params, plan.block_plans(call))
-        gather = self._gather_program(call.signature, gather_args)
+      block_plans = None
+      for index, (heads, groups, _) in enumerate(call.signature):
+        if units[index] is not None and _same_units([call_units[index]], [units[index]]):
+          continue  # this block's slices hold: no gather
+        block_plans = block_plans or plan.block_plans(call)
+        gather_args = (params["blocks"] if scanned else params[f"blocks_{index}"], jnp.int32(index),
+                       block_plans[index])
+        gather = self._gather_program(heads, groups, scanned, gather_args)
         if execute:
-          blocks = gather(*gather_args)
+          blocks[index] = gather(*gather_args)
           self.gathers += 1
         else:
-          blocks = jax.eval_shape(lambda p, q: dydit_fast.gather(self.model, p, q), *gather_args)
-        units = call_units
+          blocks[index] = jax.eval_shape(lambda *a: gather(*a), *gather_args)
+        units[index] = call_units[index]
       args = (params, blocks, x, y, cfg, jnp.int32(call.start), jnp.int32(call.stop), keys, stats)
       loop = self._loop_program(call.signature, guided, args)
       if execute:
