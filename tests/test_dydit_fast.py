@@ -267,3 +267,12 @@ def test_scanned_params_give_the_same_plan_and_slices(model_and_params):
     for (path, value), (_, expected) in zip(jax.tree_util.tree_leaves_with_path(theirs),
                                             jax.tree_util.tree_leaves_with_path(mine)):
       np.testing.assert_array_equal(value, expected, err_msg=jax.tree_util.keystr(path))
+  # The sampler's block gather of the stacked layout (a traced block index) gives the same slices.
+  fast = routing_plan.FastSampler(scanned, None, None)
+  index = model.depth - 1
+  heads, groups, _ = plan.calls[-1].signature[index]
+  args = (stacked["blocks"], jnp.int32(index), block_plans[index])
+  sliced = fast._gather_program(heads, groups, True, args)(*args)  # pylint: disable=protected-access
+  for (path, value), (_, expected) in zip(jax.tree_util.tree_leaves_with_path(sliced),
+                                          jax.tree_util.tree_leaves_with_path(gathered[index])):
+    np.testing.assert_array_equal(value, expected, err_msg=jax.tree_util.keystr(path))
