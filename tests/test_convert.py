@@ -467,6 +467,6 @@ def _flat_items(tree, prefix=""):
 
 def test_cli_reports_a_mismatch_and_writes_nothing(tmp_path):
   result = run_cli(tmp_path, "--config.model.depth=3", f"--output={tmp_path / 'out'}")
-  assert result.returncode == 1
+  assert result.returncode == 2  # a user error: one message, no traceback (dyngen.cli_errors)
   assert "cannot convert" in result.stderr and "missing in the checkpoint (10):" in result.stderr
   assert not (tmp_path / "out").exists()

@@ -5,7 +5,8 @@
   ImageNet configs, shrunk by --config overrides) -> --mode=sample (decoded by the VAE, ADM npz) ->
   python -m dyngen.evaluate (random Inception weights in pytorch-fid's file format) -> FID, IS, P/R JSON.
 
-What is asserted: every stage exits 0; the latents have the VAE's shape and every image is extracted once;
+What is asserted: every stage exits 0 (DiT's training also runs its periodic FID); training from images
+with the VAE encoding on the fly gets the VAE's scaled posterior samples; the latents have the VAE's shape and every image is extracted once;
 training reads them (losses finite); the samples are decoded uint8 images of the folder's size; a resumed
 --mode=sample adds nothing; the evaluation writes finite metrics. Numbers of trained models are not
 meaningful here (two training steps of random weights), so none is asserted beyond finiteness.
@@ -17,6 +18,7 @@ import pathlib
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -77,15 +79,25 @@ def test_images_to_latents_to_training_to_samples_to_fid(tmp_path):
   assert metadata["num_examples"] == CLASSES * PER_CLASS
   assert tuple(metadata["latent_shape"]) == (IMAGE_SIZE // 8, IMAGE_SIZE // 8, 4)
 
-  # 2. Training from the ImageNet configs (DiT and DiG), 3. sampling, decoded.
+  # 2. A reference batch made from the folder by the evaluation tool.
+  reference = tmp_path / "reference.npz"
+  run("dyngen.evaluate", f"--make_reference={reference}", f"--images={folder}", f"--image_size={IMAGE_SIZE}",
+      f"--inception={inception}", "--batch_size=3", env_extra=cache)
+  # 3. Training from the ImageNet configs (DiT with FID as its periodic evaluation, and DiG), 4. sampling.
   samples = {}
   for family, extra in (("dit", dict(depth=2)), ("dig", dict(depth=4))):
     workdir = tmp_path / f"{family}_run"
     args = shrunk_imagenet_config(f"configs/{family}_s.py:S/2", workdir, latent_dir, vae_dir, **extra)
-    trained = run("dyngen.main", *args, env_extra=cache)
+    evaluation = ([] if family != "dit" else
+                  ["--config.evaluation.metric=adm_fid", f"--config.evaluation.reference={reference}",
+                   f"--config.evaluation.inception={inception}", "--config.evaluation.num_samples=4"])
+    trained = run("dyngen.main", *args, *evaluation, env_extra=cache)
     losses = [float(part.split("=")[1].rstrip(",")) for line in (trained.stdout + trained.stderr).splitlines()
               for part in line.split() if part.startswith("train/loss=")]
     assert losses and all(math.isfinite(loss) for loss in losses), losses
+    if evaluation:
+      scores = json.loads((workdir / "samples" / "eval_step_2.json").read_text())
+      assert math.isfinite(scores["fid"]) and math.isfinite(scores["inception_score"])
     run("dyngen.main", *args, "--mode=sample", env_extra=cache)
     (npz,) = (workdir / "samples").glob(f"{family}_ddpm2_*.npz")
     arrays = np.load(npz)
@@ -96,10 +108,26 @@ def test_images_to_latents_to_training_to_samples_to_fid(tmp_path):
     assert "nothing to sample" in again.stderr + again.stdout
     samples[family] = npz
 
-  # 4. Evaluation against a reference batch made from the folder by the same tool.
-  reference = tmp_path / "reference.npz"
-  run("dyngen.evaluate", f"--make_reference={reference}", f"--images={folder}", f"--image_size={IMAGE_SIZE}",
-      f"--inception={inception}", "--batch_size=3", env_extra=cache)
+  # Training from images with the VAE encoding on the fly (no extraction): the train step's batch is
+  # scale · (a posterior sample) drawn with the step's "latent" key, through the same VAE.
+  from configs import dit_s  # pylint: disable=g-import-not-at-top
+  from dyngen import data as data_lib  # pylint: disable=g-import-not-at-top
+  from dyngen.train import objectives, trainer  # pylint: disable=g-import-not-at-top
+  config = dit_s.get_config("S/2")
+  config.data = data_lib.default_config("folder")
+  config.data.update(dict(folder=str(folder), image_size=IMAGE_SIZE, data_dir=str(tmp_path / "tfds")))
+  config.latent.vae = str(vae_dir)
+  config.model.update(dict(input_size=IMAGE_SIZE // 8, num_classes=CLASSES, hidden_size=32, num_heads=2, depth=1))
+  config.batch_size = config.sample.batch_size = 2
+  on_the_fly = trainer.Run(config)
+  images = rng.uniform(-1, 1, size=(2, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32)
+  rng_key = jax.random.key(3)
+  batch = on_the_fly.prepare_batch(rng_key, 5, {"image": images, "label": np.array([0, 1], np.int32)})
+  expected = on_the_fly.vae.encode_scaled(images, objectives.step_keys(rng_key, 5)["latent"])
+  np.testing.assert_allclose(batch["image"], expected, rtol=1e-5, atol=1e-5)
+  assert batch["image"].shape == (2, IMAGE_SIZE // 8, IMAGE_SIZE // 8, 4)
+
+  # 5. Evaluation of the sampled npz files.
   for family, npz in samples.items():
     output = tmp_path / f"{family}_metrics.json"
     run("dyngen.evaluate", f"--samples={npz}", f"--reference={reference}", f"--inception={inception}",
