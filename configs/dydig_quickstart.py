@@ -12,8 +12,8 @@ objective; <workdir>/summary.json compares the two (digits accuracy, Fréchet di
 import ml_collections
 
 from configs import common
+from configs import dydit_quickstart
 from configs import quickstart
-from dyngen.train import objectives
 
 
 def dense_dig_config(runlocal):
@@ -32,19 +32,4 @@ def get_config(arg=None):
   config.model.name = "dydig"
   # The SwiGLU hidden of width 64 is 256 * ceil(170 / 256) = 256: 4 groups of 64, as the 4 heads.
   config.model.update(dict(mlp_groups=4, router_tau=5.0, router_threshold=0.5))
-  config.dynamic = objectives.default_dynamic_config()
-  # The ramp ends at step 500 so that the EMA (decay 0.999: the last ~1000 steps) sampled at the end has
-  # seen only routers trained at the target (with the ramp ending at 1000 of 2000 steps the EMA routers
-  # lagged: 0.65 achieved over the sampling schedule against 0.50 in training).
-  config.dynamic.update(dict(target_ratio=0.5, hold_steps=100, warmup_steps=500))
-  # 3,000 steps met the target in training (0.50) but only 0.55 over the sampling schedule: with few steps
-  # the routers' logits stay near 0, where the stochastic training masks (on with probability sigmoid(logit))
-  # and the deterministic eval masks (logit > 0) differ; 6,000 steps give 0.51.
-  config.num_train_steps = 6000
-  config.optimizer.warmup_steps = 0
-  config.sample_every_steps = 3000
-  if arg.runlocal:
-    config.num_train_steps = 20
-    config.sample_every_steps = 20
-    config.dynamic.update(dict(hold_steps=2, warmup_steps=10))
-  return config
+  return dydit_quickstart.fine_tune_on_digits(config, arg.runlocal)

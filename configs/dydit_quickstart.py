@@ -24,7 +24,11 @@ def get_config(arg=None):
   config.model.name = "dydit"
   config.model.update(dict(router_tau=5.0, router_threshold=0.5))
   config.pretrain = dense  # The run that makes the warm start when config.init_from is "".
+  return fine_tune_on_digits(config, arg.runlocal)
 
+
+def fine_tune_on_digits(config, runlocal):
+  """The digits fine-tuning recipe of the routed quickstarts (DyDiT's stage 1 at λ = 0.5)."""
   config.dynamic = objectives.default_dynamic_config()
   # The ramp ends at step 500 so that the EMA (decay 0.999: the last ~1000 steps) sampled at the end has
   # seen only routers trained at the target (with the ramp ending at 1000 of 2000 steps the EMA routers
@@ -36,7 +40,7 @@ def get_config(arg=None):
   config.num_train_steps = 6000
   config.optimizer.warmup_steps = 0  # Fine-tuning starts from trained weights.
   config.sample_every_steps = 3000
-  if arg.runlocal:
+  if runlocal:
     config.num_train_steps = 20
     config.sample_every_steps = 20
     config.dynamic.update(dict(hold_steps=2, warmup_steps=10))

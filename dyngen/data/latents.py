@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from dyngen.data import pipeline
 from dyngen.data import sources
 
 METADATA_FILE = "metadata.json"  # written by dyngen.latent.extract
@@ -131,18 +132,8 @@ def create_latent_pipeline(
     A `grain.DatasetIterator` yielding {"mean", "std": float32 (b, h, w, 4) unscaled posterior parameters,
     "label": int32 (b,)} with b = global_batch_size // process_count, and get_state() / set_state().
   """
-  if process_index is None or process_count is None:
-    process_index = jax.process_index() if process_index is None else process_index
-    process_count = jax.process_count() if process_count is None else process_count
-  if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count}).")
-  if global_batch_size <= 0 or global_batch_size % process_count:
-    raise ValueError(f"global_batch_size={global_batch_size} must be a positive multiple of "
-                     f"process_count={process_count} (every host reads an equal share).")
-  if num_epochs is not None and num_epochs <= 0:
-    raise ValueError(f"num_epochs={num_epochs} must be None (repeat forever) or a positive int.")
-  if not 0 <= seed < 2**32:
-    raise ValueError(f"seed={seed} must be in [0, 2**32) (grain's seed range).")
+  process_index, process_count = pipeline.check_pipeline_args(global_batch_size, seed, process_index,
+                                                              process_count, num_epochs)
   worker_count = data_config.get("worker_count", 0)
   read_threads = data_config.get("read_threads", 8)
   if worker_count < 0 or read_threads < 0:

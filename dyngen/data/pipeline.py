@@ -61,6 +61,25 @@ def default_config(name: str = "digits") -> ml_collections.ConfigDict:
   })
 
 
+def check_pipeline_args(global_batch_size, seed, process_index, process_count, num_epochs):
+  """(process_index, process_count), defaulted to this process's; ValueError naming any argument that cannot
+  describe a pipeline. Shared by every pipeline (pixels here, latents in dyngen.data.latents)."""
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count}).")
+  if global_batch_size <= 0 or global_batch_size % process_count:
+    raise ValueError(f"global_batch_size={global_batch_size} must be a positive multiple of "
+                     f"process_count={process_count} (every host reads an equal share).")
+  if num_epochs is not None and num_epochs <= 0:
+    raise ValueError(f"num_epochs={num_epochs} must be None (repeat forever) or a positive int.")
+  if not 0 <= seed < 2**32:
+    raise ValueError(f"seed={seed} must be in [0, 2**32) (grain's seed range).")
+  return process_index, process_count
+
+
 def create_input_pipeline(
     data_config,
     *,
@@ -90,19 +109,8 @@ def create_input_pipeline(
     A `grain.DatasetIterator` yielding {"image": float32 (b, H, W, C) in [-1, 1], "label": int32 (b,)} with
     b = global_batch_size // process_count, and `get_state()` / `set_state()` for checkpointing.
   """
-  if process_index is None or process_count is None:
-    import jax  # pylint: disable=g-import-not-at-top
-    process_index = jax.process_index() if process_index is None else process_index
-    process_count = jax.process_count() if process_count is None else process_count
-  if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count}).")
-  if global_batch_size <= 0 or global_batch_size % process_count:
-    raise ValueError(f"global_batch_size={global_batch_size} must be a positive multiple of "
-                     f"process_count={process_count} (every host reads an equal share).")
-  if num_epochs is not None and num_epochs <= 0:
-    raise ValueError(f"num_epochs={num_epochs} must be None (repeat forever) or a positive int.")
-  if not 0 <= seed < 2**32:
-    raise ValueError(f"seed={seed} must be in [0, 2**32) (grain's seed range).")
+  process_index, process_count = check_pipeline_args(global_batch_size, seed, process_index, process_count,
+                                                     num_epochs)
   image_size = sources.validate_image_size(data_config)
   worker_count = data_config.get("worker_count", 0)
   if worker_count < 0:
