@@ -115,3 +115,10 @@ def test_sample_mode_resumes_after_kill_with_every_image_once(tmp_path):
     np.testing.assert_array_equal(got["arr_0"], want["arr_0"])  # every image once, in order, bit for bit
     np.testing.assert_array_equal(got["arr_1"], want["arr_1"])
     assert got["arr_0"].shape == (16, 8, 8, 1)
+
+
+def test_sampler_refuses_labels_outside_the_models_classes(tiny_config):
+  """The colab recipe's ImageNet labels on the 10-class digits model gave all-NaN samples without a word."""
+  sampler = trainer.Run(tiny_config()).sampler()
+  with pytest.raises(ValueError, match=r"labels 207, 360 outside the model's 10 classes: expected \[0, 10\)"):
+    sampler.generate({}, [1, 207, 360], cfg_scale=1.5, seed=0)

@@ -15,6 +15,7 @@ from dyngen.diffusion.gaussian_diffusion import MeanType
 from dyngen.diffusion.gaussian_diffusion import Trajectory
 from dyngen.diffusion.gaussian_diffusion import VarianceType
 from dyngen.diffusion.gaussian_diffusion import create_diffusion
+from dyngen.diffusion.guidance import check_labels
 from dyngen.diffusion.guidance import guided_model_fn
 from dyngen.diffusion.paths import GVPPath
 from dyngen.diffusion.paths import LinearPath

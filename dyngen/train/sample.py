@@ -228,8 +228,11 @@ class Sampler:
 
     The last chunk is padded with class 0 to the full batch (one compiled program) and the padding dropped.
     A DyDiT on the fast path with calibrated token capacities calibrates on the first chunk, for all chunks.
+    Labels outside [0, num_classes) are refused (under jit they would give NaN images without a word).
     """
-    labels = np.asarray(labels, np.int32)
+    labels = np.asarray(labels)
+    diffusion_lib.check_labels(labels, self.model.num_classes)
+    labels = labels.astype(np.int32)
     batch_size = batch_size or self.sample_config.batch_size
     base_key = jax.random.PRNGKey(seed)
     chunks = []
