@@ -91,6 +91,7 @@ def test_samples_do_not_depend_on_the_segmentation(fast_and_masked):
   assert len(every_step.calls) == NUM_STEPS
   stepwise, _ = fast.fast_sampler.run(run["params"], every_step, x_T, y, run["cfg_scale"], loop_key)
   np.testing.assert_array_equal(stepwise, natural)  # same programs, same step keys: bit for bit
+  assert fast.fast_sampler.compile(run["params"], every_step, x_T, y, run["cfg_scale"], loop_key) == 0.0
   # No program for the new segmentation.
   assert fast.fast_sampler.programs_compiled == len(plan.signatures) + len(plan.width_capacities)
   np.testing.assert_array_equal(natural[:2], run["fast_images"])

@@ -399,8 +399,8 @@ class FastSampler:
       self.compile_seconds += time.perf_counter() - start
     return self._programs[key]
 
-  def _gather_program(self, heads, groups, scanned, args):
-    """The slices of one block at (heads, groups) capacities: (block params or stacked params, index, plan)."""
+  def _gather_fn(self, scanned):
+    """(block params, or the stacked blocks with `scanned`; block index; BlockPlan) -> the block's slices."""
     model = self.model
 
     def gather(block_params, index, plan):
@@ -408,8 +408,11 @@ class FastSampler:
         block_params = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, index, keepdims=False), block_params)
       return dydit_fast.gather_block(model, block_params, plan)
 
+    return gather
+
+  def _gather_program(self, heads, groups, scanned, args):
     r = self.replicated
-    return self._compiled(("gather", heads, groups, scanned), gather, args, (r, r, r), r)
+    return self._compiled(("gather", heads, groups, scanned), self._gather_fn(scanned), args, (r, r, r), r)
 
   def _loop_program(self, signature, guided, args):
     model, sample_config = self.model, self.sample_config
@@ -464,7 +467,7 @@ class FastSampler:
           blocks[index] = gather(*gather_args)
           self.gathers += 1
         else:
-          blocks[index] = jax.eval_shape(lambda *a: gather(*a), *gather_args)
+          blocks[index] = jax.eval_shape(self._gather_fn(scanned), *gather_args)
         units[index] = call_units[index]
       args = (params, blocks, x, y, cfg, jnp.int32(call.start), jnp.int32(call.stop), keys, stats)
       loop = self._loop_program(call.signature, guided, args)
