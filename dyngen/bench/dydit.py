@@ -230,7 +230,7 @@ def run_benchmark():
           for variant in FLAGS.variants for target in FLAGS.ratios]
   load_after = os.getloadavg()
   header = ["model", "target ratio", "achieved ratio (executed)", "dense s", "masked s", "fast s",
-            "masked / dense", "dense / fast", "dense / fast, process CPU s", "programs (segments: steps)",
+            "masked time / dense time", "dense / fast", "dense / fast, process CPU s", "programs (segments: steps)",
             "compile s dense / masked / fast",
             "calibration s", "fast vs masked (max rel.)", "load avg (1 min) during"]
   table = []
