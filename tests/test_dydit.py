@@ -376,3 +376,36 @@ def test_recipes():
   assert half.init_from == "DiT-XL-2-256x256.pt"
   with pytest.raises(ValueError, match="ratio in"):
     dydit_xl.get_config("XL/2,ratio=0.6")
+
+
+def test_converter_is_general_for_other_depths_and_patches(tmp_path):
+  """A DyDiT checkpoint of depth 3, patch 4 (not the fixture's 2 / 2), in the official container: every tensor
+  lands where its rule says (router kernels transposed), and the converted model runs."""
+  from dyngen.convert import dydit as dydit_rules  # pylint: disable=g-import-not-at-top
+  from dyngen.convert import load as convert_load  # pylint: disable=g-import-not-at-top
+  from tests import test_convert  # pylint: disable=g-import-not-at-top
+  config = tiny_config(depth=3, patch_size=4, input_size=16, hidden_size=64)
+  model = models.build(config)
+  rules, _ = dydit_rules.param_rules(model)
+  shapes = convert_load.expected_param_shapes(model)
+  rng = np.random.default_rng(0)
+  state_dict, tensors = {}, {}
+  for index, rule in enumerate(rules):
+    data = rng.standard_normal(rule.layout.torch_shape(shapes[rule.path])).astype(np.float32)
+    state_dict[rule.source] = data
+    storage = test_convert.Storage(str(index), data.reshape(-1), "FloatStorage")
+    tensors[rule.source] = test_convert.Tensor(storage, 0, data.shape, tuple(
+        int(np.prod(data.shape[i + 1:])) for i in range(data.ndim)))
+  path = tmp_path / "dydit_d3_p4.pt"
+  test_convert.write_zip_checkpoint(path, {"model": tensors, "ema": tensors})
+  params = load_torch_params(path, config)
+  router = params["blocks_2"]["head_router"]
+  np.testing.assert_array_equal(router["kernel"], state_dict["blocks.2.attn_rate.router.weight"].T)
+  np.testing.assert_array_equal(router["bias"], state_dict["blocks.2.attn_rate.router.bias"])
+  np.testing.assert_array_equal(params["blocks_1"]["token_router"]["fc2"]["kernel"],
+                                state_dict["blocks.1.token_selection.mlp_head.2.weight"].T)
+  np.testing.assert_array_equal(params["blocks_0"]["mlp_router"]["kernel"],
+                                state_dict["blocks.0.mlp_rate.router.weight"].T)
+  out, aux = jax.jit(lambda p: model.apply({"params": p}, jnp.zeros((1, 16, 16, 4)), jnp.array([5]),
+                                           jnp.array([2])))(params)
+  assert out.shape == (1, 16, 16, 8) and aux["token_mask"].shape == (1, 3, 16)
