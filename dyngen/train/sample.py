@@ -54,6 +54,19 @@ def balanced_labels(num_samples: int, num_classes: int) -> np.ndarray:
   return (np.arange(num_samples) % num_classes).astype(np.int32)
 
 
+def starting_batch(model, labels, key, guided: bool):
+  """(x_T, y, loop key) of a sampling batch as it runs: x_T ~ N(0, I) from the key's first half, doubled with
+  null labels appended when guided ([z; z], [labels; null], as DiT's sample.py)."""
+  noise_key, loop_key = jax.random.split(key)
+  shape = (labels.shape[0], model.input_size, model.input_size, model.in_channels)
+  x_T = jax.random.normal(noise_key, shape, jnp.float32)
+  y = labels
+  if guided:
+    x_T = jnp.concatenate([x_T, x_T], axis=0)
+    y = jnp.concatenate([labels, jnp.full_like(labels, model.num_classes)], axis=0)
+  return x_T, y, loop_key
+
+
 class Sampler:
   """Jitted sampling of a model under a mesh; one compiled program per (batch, cfg on/off)."""
 
@@ -121,13 +134,7 @@ class Sampler:
 
     def sample(params, labels, key, cfg_scale):
       """labels: (B,) int32 -> (images (B, H, W, C) float32, per-step stats {name: (S,)})."""
-      noise_key, loop_key = jax.random.split(key)
-      shape = (labels.shape[0], model.input_size, model.input_size, model.in_channels)
-      x_T = jax.random.normal(noise_key, shape, jnp.float32)
-      y = labels
-      if guided:
-        x_T = jnp.concatenate([x_T, x_T], axis=0)
-        y = jnp.concatenate([labels, jnp.full_like(labels, model.num_classes)], axis=0)
+      x_T, y, loop_key = starting_batch(model, labels, key, guided)
       x_T = nn.with_logical_constraint(x_T, ("batch", None, None, None))
 
       def model_fn_of(apply_fn):
@@ -161,17 +168,8 @@ class Sampler:
   def _start_fn(self, guided: bool):
     """The fast path's start, as `_sample_fn`'s: (labels, key) -> (x_T, y, loop key) of the batch as run."""
     if ("start", guided) not in self._compiled:
-      model = self.model
-
       def start(labels, key):
-        noise_key, loop_key = jax.random.split(key)
-        shape = (labels.shape[0], model.input_size, model.input_size, model.in_channels)
-        x_T = jax.random.normal(noise_key, shape, jnp.float32)
-        y = labels
-        if guided:
-          x_T = jnp.concatenate([x_T, x_T], axis=0)
-          y = jnp.concatenate([labels, jnp.full_like(labels, model.num_classes)], axis=0)
-        return x_T, y, loop_key
+        return starting_batch(self.model, labels, key, guided)
 
       replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
       self._compiled[("start", guided)] = jax.jit(start, out_shardings=(self.batch_sharding, self.batch_sharding,
