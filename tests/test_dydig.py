@@ -12,7 +12,7 @@ import pytest
 
 from dyngen import models
 from dyngen.models import flops
-from dyngen.models import layers
+from tests.test_dydit import assert_scan_equals_unroll
 from tests.test_dydit import routed_params
 
 
@@ -77,16 +77,7 @@ def test_routing_changes_the_output_and_the_ratio(case):
 
 def test_scanned_equals_unrolled_float64():
   with jax.enable_x64(True):
-    config = tiny_config(dtype="float64")
-    unrolled = models.build(config)
-    scanned = models.build(ml_collections.ConfigDict(dict(config, scan_blocks=True)))
-    x, t, y = inputs(jnp.float64)
-    params = routed_params(unrolled, x, t, y)
-    out, aux = unrolled.apply({"params": params}, x, t, y)
-    out_s, aux_s = scanned.apply({"params": layers.stack_block_params(params, config.depth)}, x, t, y)
-    np.testing.assert_allclose(out_s, out, rtol=1e-10, atol=1e-10)
-    for name in aux:
-      np.testing.assert_allclose(aux_s[name], aux[name], rtol=1e-10, atol=1e-12, err_msg=name)
+    assert_scan_equals_unroll(tiny_config(dtype="float64"), *inputs(jnp.float64))
 
 
 def test_unit_macs_count_the_complete_gla_and_swiglu():

@@ -155,22 +155,30 @@ def test_fresh_init_routes_everything_and_equals_the_complete_model():
   np.testing.assert_allclose(out, complete, rtol=1e-6, atol=1e-6)
 
 
+def assert_scan_equals_unroll(config, x, t, y):
+  """The scanned model equals the unrolled one (output and every aux array) in float64; returns the scanned
+  model and its stacked params. Call under jax.enable_x64 with config.dtype float64."""
+  unrolled = models.build(config)
+  scanned = models.build(ml_collections.ConfigDict(dict(config, scan_blocks=True)))
+  params = routed_params(unrolled, x, t, y)
+  out, aux = unrolled.apply({"params": params}, x, t, y)
+  stacked = layers.stack_block_params(params, config.depth)
+  out_s, aux_s = scanned.apply({"params": stacked}, x, t, y)
+  np.testing.assert_allclose(out_s, out, rtol=1e-10, atol=1e-10)
+  for name in aux:
+    np.testing.assert_allclose(aux_s[name], aux[name], rtol=1e-10, atol=1e-12, err_msg=name)
+  return scanned, stacked
+
+
 def test_scanned_equals_unrolled_float64_with_aux_and_gumbel_noise():
   with jax.enable_x64(True):
     config = tiny_config(dtype="float64")
-    unrolled = models.build(config)
-    scanned = models.build(ml_collections.ConfigDict(dict(config, scan_blocks=True)))
     x, t, y = inputs(jnp.float64)
-    params = routed_params(unrolled, x, t, y)
-    out, aux = unrolled.apply({"params": params}, x, t, y)
-    out_s, aux_s = scanned.apply({"params": layers.stack_block_params(params, config.depth)}, x, t, y)
-    np.testing.assert_allclose(out_s, out, rtol=1e-10, atol=1e-10)
-    for name in aux:
-      np.testing.assert_allclose(aux_s[name], aux[name], rtol=1e-10, atol=1e-12, err_msg=name)
-    # At train time each block draws its own Gumbel noise (split per block by the scan): masks of the two
-    # blocks differ from each other for the same logits, and the output stays finite.
-    _, train_aux = scanned.apply({"params": layers.stack_block_params(params, config.depth)}, x, t, y,
-                                 train=True, rngs={"gumbel": jax.random.key(0), "label_dropout": jax.random.key(1)})
+    scanned, stacked = assert_scan_equals_unroll(config, x, t, y)
+    # At train time the scan draws the Gumbel noise from the "gumbel" stream (split per block) and returns
+    # the per-block masks.
+    _, train_aux = scanned.apply({"params": stacked}, x, t, y, train=True,
+                                 rngs={"gumbel": jax.random.key(0), "label_dropout": jax.random.key(1)})
     assert train_aux["token_mask"].shape == (2, config.depth, 16)
 
 
