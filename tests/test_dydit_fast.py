@@ -254,11 +254,9 @@ def test_scanned_params_give_the_same_plan_and_slices(model_and_params):
   scanned = models.build(tiny_config(scan_blocks=True))
   stacked = layers.stack_block_params(params, model.depth)
   options = routing_plan.RoutingOptions(calibrate_tokens=False, max_programs=2)
-  timestep_map = sample_lib.sampling_diffusion(ml_collections.ConfigDict(dict(noise_schedule="linear")),
-                                               ml_collections.ConfigDict(dict(sampler="ddpm", num_steps=NUM_STEPS)),
-                                               True).timestep_map
-  plan = routing_plan.make_plan(model, params, timestep_map, options)
-  plan_scanned = routing_plan.make_plan(scanned, stacked, timestep_map, options)
+  timesteps = make_sampler(model, "fast").schedule.model_timesteps
+  plan = routing_plan.make_plan(model, params, timesteps, options)
+  plan_scanned = routing_plan.make_plan(scanned, stacked, timesteps, options)
   np.testing.assert_array_equal(plan_scanned.head_active, plan.head_active)
   np.testing.assert_array_equal(plan_scanned.capacities, plan.capacities)
   assert plan_scanned.calls == plan.calls
@@ -277,3 +275,50 @@ def test_scanned_params_give_the_same_plan_and_slices(model_and_params):
   for (path, value), (_, expected) in zip(jax.tree_util.tree_leaves_with_path(sliced),
                                           jax.tree_util.tree_leaves_with_path(gathered[index])):
     np.testing.assert_array_equal(value, expected, err_msg=jax.tree_util.keystr(path))
+
+
+def heun_flow_schedule(grid):
+  """A two-evaluation (Heun) ODE schedule on the float grid: the model's first C channels as the drift.
+
+  Evaluations 2j and 2j+1 see t = grid[j] and grid[j+1]; the state (x, k1) carries the first drift."""
+  grid = np.asarray(grid, np.float32)
+  model_timesteps = np.stack([grid[:-1], grid[1:]], axis=1).reshape(-1)
+
+  def update(model_fn, state, e, key):
+    del key  # deterministic
+    x, k1 = state
+    j, second = e // 2, e % 2 == 1
+    t_cur, t_next = jnp.asarray(grid)[j], jnp.asarray(grid)[j + 1]
+    dt = t_next - t_cur
+    probe = jnp.where(second, x + dt * k1, x)
+    drift = model_fn(probe, jnp.full(x.shape[:1], jnp.where(second, t_next, t_cur)))[..., :x.shape[-1]]
+    x = jnp.where(second, x + dt * 0.5 * (k1 + drift), x)
+    return x.astype(state[0].dtype), jnp.where(second, 0.0, drift).astype(k1.dtype)
+
+  return routing_plan.SamplingSchedule(model_timesteps, update, init=lambda x_T: (x_T, jnp.zeros_like(x_T)),
+                                       result=lambda state: state[0])
+
+
+def test_a_flow_schedule_plugs_in(model_and_params):
+  """The fast path on a non-Gaussian schedule (float t, two evaluations per step, a pytree state) equals a
+  plain Python loop of the masked model through the same Heun steps, written out here."""
+  model, params = model_and_params
+  grid = np.linspace(990.5, 10.25, 5)  # non-integer model times, wide enough for the width plan to change
+  schedule = heun_flow_schedule(grid)
+  sample_config = ml_collections.ConfigDict(dict(guidance_channels=0))
+  x_T, y = jax.random.normal(jax.random.key(5), (2, 8, 8, 4)), jnp.asarray(LABELS)
+  counts = routing_plan.calibrate_token_counts(schedule, model, params, x_T, y, 1.0, KEY, sample_config)
+  options = routing_plan.RoutingOptions(max_programs=3)
+  plan = routing_plan.make_plan(model, params, schedule.model_timesteps, options, token_counts=counts)
+  assert plan.num_steps == 8 and len(plan.signatures) >= 2
+  fast, stats = routing_plan.FastSampler(model, schedule, sample_config).run(params, plan, x_T, y, 1.0, KEY)
+
+  velocity = jax.jit(lambda x, t: model.apply({"params": params}, x, t, y)[0][..., :4])
+  x = x_T
+  for t_cur, t_next in zip(grid[:-1], grid[1:]):
+    dt = np.float32(t_next - t_cur)
+    k1 = velocity(x, jnp.full((2,), t_cur, jnp.float32))
+    k2 = velocity(x + dt * k1, jnp.full((2,), t_next, jnp.float32))
+    x = x + dt * 0.5 * (k1 + k2)
+  assert_samples_close(fast, x)
+  assert stats["flops_ratio"].shape == (8,) and np.all(stats["wanted"] == stats["kept"])

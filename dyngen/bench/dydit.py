@@ -172,13 +172,14 @@ def bench_one(variant, target, sample_config, diffusion):
   options = routing_plan.RoutingOptions(width_cap=FLAGS.width_cap, token_capacity=FLAGS.token_capacity,
                                         token_buckets=FLAGS.token_buckets, max_programs=FLAGS.max_programs)
   start = time.perf_counter()
-  counts = routing_plan.calibrate_token_counts(diffusion, model, params, x_T, y, FLAGS.cfg_scale, loop_key,
+  schedule = routing_plan.gaussian_schedule(diffusion, sample_config)
+  counts = routing_plan.calibrate_token_counts(schedule, model, params, x_T, y, FLAGS.cfg_scale, loop_key,
                                                sample_config)
   calibration_s = time.perf_counter() - start
   start = time.perf_counter()
-  plan = routing_plan.make_plan(model, params, diffusion.timestep_map, options, token_counts=counts)
+  plan = routing_plan.make_plan(model, params, schedule.model_timesteps, options, token_counts=counts)
   plan_s = time.perf_counter() - start
-  fast = routing_plan.FastSampler(model, diffusion, sample_config)
+  fast = routing_plan.FastSampler(model, schedule, sample_config)
   fast_fn = lambda p, x: fast.run(p, plan, x, y, FLAGS.cfg_scale, loop_key)
 
   fast_compile = fast.compile(params, plan, x_T, y, FLAGS.cfg_scale, loop_key)

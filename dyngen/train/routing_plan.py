@@ -2,7 +2,9 @@
 
 Width. DyDiT's head and MLP-group routers read the timestep embedding alone, and every row of a sampling
 step (conditional and null halves) shares t, so the active units of every block at every step follow from
-the schedule (`timestep_map`) and the routers. `make_plan`:
+the schedule and the routers. A "step" here is one model evaluation; the process is a `SamplingSchedule`
+(the model's t per evaluation and an update function; `gaussian_schedule` gives the respaced DDPM / DDIM
+loop, and any other sampler, e.g. a flow ODE on a fixed grid, plugs in the same way). `make_plan`:
   1. computes, per step and block, the router logits and eval decisions (`dydit.binarize`, unit 0 always
      on) and applies the width cap (at most ceil(width_cap * H) units, the top by logit);
   2. rounds each active count up to a capacity, one of ceil(j * H / capacity_buckets), j = 1..buckets (the
@@ -18,14 +20,15 @@ the schedule (`timestep_map`) and the routers. `make_plan`:
 `fori_loop` over a call's steps [lo, hi) on gathered weight slices, which are its inputs, so it depends on
 its capacities alone; and one gather of a block's slices per (heads, groups) capacity pair (the block and
 its units' indices and masks are inputs). A call is a segment cut where some block's units change (their
-count within a segment does not); only the blocks whose units changed are gathered again. A step's
-noise is drawn from the k-th of `split(key, S)` (as `GaussianDiffusion.p_sample_loop` and the masked
-`routed_sample_loop`), whatever the segmentation. Step loops compiled <= distinct signatures <= segments <=
+count within a segment does not); only the blocks whose units changed are gathered again. Evaluation k
+gets the k-th of `split(key, S)` (for the Gaussian schedule: the noise of `GaussianDiffusion.p_sample_loop`
+and of the masked `routed_sample_loop`), whatever the segmentation. Step loops compiled <= distinct signatures <= segments <=
 max_programs per batch shape and guidance setting; block gathers <= capacity_buckets² in all.
 """
 import dataclasses
 import math
 import time
+from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -128,7 +131,7 @@ def _capped_active(logits, model, cap_count):
 
 @dataclasses.dataclass(frozen=True)
 class Segment:
-  """Steps [start, stop) in run order (step k runs the diffusion's index S-1-k) on one signature."""
+  """Steps (model evaluations) [start, stop) in run order on one signature."""
   start: int
   stop: int
   signature: tuple[dydit_fast.BlockCapacity, ...]
@@ -255,12 +258,16 @@ def merge_segments(runs, capacities, max_segments, heads, tokens, unit_macs):
   return merged
 
 
-def make_plan(model: dydit.Model, params, timestep_map, options: RoutingOptions, token_counts=None):
-  """The plan of a schedule. timestep_map: (S,) the respaced diffusion's original timesteps (index order;
-  the steps run from the last); token_counts: (S, L) in run order, the calibrated wanted tokens per step and
-  block (`calibrate_token_counts`), used when options.calibrate_tokens (required then)."""
+def make_plan(model: dydit.Model, params, model_timesteps, options: RoutingOptions, token_counts=None):
+  """The plan of a schedule. model_timesteps: (S,) the t the model sees at each model evaluation, in run
+  order (`SamplingSchedule.model_timesteps`; any floats); token_counts: (S, L) in run order, the calibrated
+  wanted tokens per evaluation and block (`calibrate_token_counts`), used when options.calibrate_tokens
+  (required then)."""
   heads, tokens = model.num_heads, model.num_tokens
-  timesteps = np.asarray(timestep_map, np.int32)[::-1].copy()
+  timesteps = np.asarray(model_timesteps)
+  if timesteps.ndim != 1 or not timesteps.size or not np.all(np.isfinite(timesteps)):
+    raise ValueError(f"model_timesteps must be a non-empty 1-D array of finite values (one per model evaluation), "
+                     f"got shape {timesteps.shape}")
   head_logits, group_logits = (np.asarray(jax.device_get(logits), np.float64)
                                for logits in width_logits(model, params, timesteps))
   width_count = math.ceil(options.width_cap * heads - 1e-9)
@@ -307,19 +314,51 @@ def make_plan(model: dydit.Model, params, timestep_map, options: RoutingOptions,
   return plan
 
 
-def _step_fn(diffusion, sample_config):
+@dataclasses.dataclass(frozen=True)
+class SamplingSchedule:
+  """A sampling process as the fast path runs it: one entry per model evaluation, in run order.
+
+  model_timesteps: (E,) numpy, the t the model sees at evaluation e (ints or floats: a respaced diffusion's
+    original timesteps, a flow ODE's time grid in [0, 1], ...). The width plan reads the routers at these.
+  update(model_fn, state, e, key) -> state: evaluation e (a traced int32 in [0, E)). It calls
+    model_fn(x, t) exactly once, with t = (B,) copies of model_timesteps[e] (the plan's widths are those
+    of that t), and returns the next state. key: the e-th of `split(loop key, E)` (unused if deterministic).
+  init(x_T) -> state and result(state) -> x_0: the loop state, a pytree of batch-leading arrays (default:
+    the sample itself; a two-evaluation step keeps more, e.g. Heun's (x, first drift)).
+
+  A new process plugs in by building one (as `gaussian_schedule`): for a flow ODE with grid t_0 .. t_n and
+  Euler steps, model_timesteps = t_0 .. t_{n-1} and update = x + (t_{e+1} - t_e) * drift(model_fn(x, t_e));
+  for Heun, model_timesteps = t_0, t_1, t_1, t_2, ... (two evaluations per step) and a state (x, k1) whose
+  even evaluations store k1 and odd ones finish the step. Plans, segments and programs need nothing more.
+  """
+  model_timesteps: np.ndarray
+  update: Callable
+  init: Callable = lambda x_T: x_T
+  result: Callable = lambda state: state
+
+  @property
+  def num_evaluations(self):
+    return len(self.model_timesteps)
+
+
+def gaussian_schedule(diffusion, sample_config) -> SamplingSchedule:
+  """The respaced GaussianDiffusion's DDPM (sample_config.sampler "ddpm") or DDIM (eta) loop: evaluation e
+  is step index S-1-e at original timestep timestep_map[S-1-e], with the noise and key of
+  `GaussianDiffusion.p_sample_loop` / `ddim_sample_loop` (the e-th of split(key, S))."""
   ddim, eta = sample_config.sampler == "ddim", sample_config.eta
   noisy = not ddim or eta != 0
+  num_steps = diffusion.num_timesteps
 
-  def step(model_fn, x, index, step_key):
-    noise = jax.random.normal(step_key, x.shape, x.dtype) if noisy else None
+  def update(model_fn, x, e, key):
+    index = num_steps - 1 - e
+    noise = jax.random.normal(key, x.shape, x.dtype) if noisy else None
     if ddim:
       sample, _ = diffusion.ddim_sample(model_fn, x, index, noise, sample_config.clip_denoised, eta)
     else:
       sample, _ = diffusion.p_sample(model_fn, x, index, noise, sample_config.clip_denoised)
     return sample.astype(x.dtype)
 
-  return step
+  return SamplingSchedule(np.asarray(diffusion.timestep_map)[::-1].copy(), update)
 
 
 def _model_fn_of(model, apply_fn, y, cfg_scale, guided, sample_config):
@@ -329,23 +368,24 @@ def _model_fn_of(model, apply_fn, y, cfg_scale, guided, sample_config):
   return lambda x, t: apply_fn(x, t, y)
 
 
-def calibrate_token_counts(diffusion, model: dydit.Model, params, x_T, y, cfg_scale, key, sample_config, cache=None):
-  """The masked model's sampling loop (x_T, y: the batch as run, guided halves included) -> (S, L) int:
-  per step (run order) and block, the most tokens any row's router wanted.
+def calibrate_token_counts(schedule: SamplingSchedule, model: dydit.Model, params, x_T, y, cfg_scale, key,
+                           sample_config, cache=None):
+  """The masked model's sampling loop over `schedule` (x_T, y: the batch as run, guided halves included)
+  -> (E, L) int: per evaluation (run order) and block, the most tokens any row's router wanted.
 
-  cache: a dict keeping the jitted loop between calls (keyed by guidance on/off), or None.
+  sample_config: its guidance_channels; cache: a dict keeping the jitted loop between calls (keyed by
+  guidance on/off), or None.
   """
   guided = cfg_scale != 1.0
   if cache is not None and guided in cache:
     run = cache[guided]
     return np.asarray(jax.device_get(run(params, x_T, y, jnp.float32(cfg_scale), key))).round().astype(np.int64)
-  step = _step_fn(diffusion, sample_config)
-  num_steps = diffusion.num_timesteps
+  num_evaluations = schedule.num_evaluations
 
   @jax.jit
   def run(params, x_T, y, cfg_scale, key):
-    def body(x, scanned):
-      index, step_key = scanned
+    def body(state, scanned):
+      e, step_key = scanned
       captured = {}
 
       def apply_fn(x, t, y):
@@ -353,11 +393,12 @@ def calibrate_token_counts(diffusion, model: dydit.Model, params, x_T, y, cfg_sc
         captured["counts"] = jnp.max(jnp.sum(aux["token_mask"], axis=-1), axis=0)  # (L,)
         return out
 
-      x = step(_model_fn_of(model, apply_fn, y, cfg_scale, guided, sample_config), x, index, step_key)
-      return x, captured["counts"]
+      state = schedule.update(_model_fn_of(model, apply_fn, y, cfg_scale, guided, sample_config), state, e,
+                              step_key)
+      return state, captured["counts"]
 
-    indices = jnp.arange(num_steps - 1, -1, -1, dtype=jnp.int32)
-    return jax.lax.scan(body, x_T, (indices, jax.random.split(key, num_steps)))[1]
+    evaluations = jnp.arange(num_evaluations, dtype=jnp.int32)
+    return jax.lax.scan(body, schedule.init(x_T), (evaluations, jax.random.split(key, num_evaluations)))[1]
 
   if cache is not None:
     cache[guided] = run
@@ -375,9 +416,10 @@ class FastSampler:
   units differ from those of the call before (another block's change, or a new token capacity, reuses them).
   """
 
-  def __init__(self, model: dydit.Model, diffusion, sample_config, *, param_shardings=None, batch_sharding=None,
-               replicated=None):
-    self.model, self.diffusion, self.sample_config = model, diffusion, sample_config
+  def __init__(self, model: dydit.Model, schedule: SamplingSchedule, sample_config, *, param_shardings=None,
+               batch_sharding=None, replicated=None):
+    """schedule: the process's `SamplingSchedule`; sample_config: its guidance_channels (guided runs)."""
+    self.model, self.schedule, self.sample_config = model, schedule, sample_config
     self.param_shardings, self.batch_sharding, self.replicated = param_shardings, batch_sharding, replicated
     self._programs = {}
     self.compile_seconds = 0.0
@@ -415,14 +457,12 @@ class FastSampler:
     return self._compiled(("gather", heads, groups, scanned), self._gather_fn(scanned), args, (r, r, r), r)
 
   def _loop_program(self, signature, guided, args):
-    model, sample_config = self.model, self.sample_config
-    step = _step_fn(self.diffusion, sample_config)
-    num_steps = self.diffusion.num_timesteps
+    model, sample_config, schedule = self.model, self.sample_config, self.schedule
 
-    def run(params, blocks, x, y, cfg_scale, lo, hi, keys, stats):
-      """x: (B', H, W, C) the state before step lo; blocks: the gathered slices of the steps [lo, hi)."""
+    def run(params, blocks, state, y, cfg_scale, lo, hi, keys, stats):
+      """state: the loop state before evaluation lo; blocks: the gathered slices of the evaluations [lo, hi)."""
       def body(k, carry):
-        x, stats = carry
+        state, stats = carry
         captured = {}
 
         def apply_fn(x, t, y):
@@ -431,28 +471,30 @@ class FastSampler:
                            for name, value in step_stats.items()})
           return out
 
-        x = step(_model_fn_of(model, apply_fn, y, cfg_scale, guided, sample_config), x, num_steps - 1 - k, keys[k])
+        state = schedule.update(_model_fn_of(model, apply_fn, y, cfg_scale, guided, sample_config), state, k,
+                                keys[k])
         stats = {name: stats[name].at[k].set(captured[name].astype(stats[name].dtype)) for name in stats}
-        return x, stats
+        return state, stats
 
-      return jax.lax.fori_loop(lo, hi, body, (x, stats))
+      return jax.lax.fori_loop(lo, hi, body, (state, stats))
 
     r, b = self.replicated, self.batch_sharding
-    return self._compiled(("loop", signature, guided, args[2].shape), run, args,
+    shapes = tuple(leaf.shape for leaf in jax.tree.leaves(args[2]))
+    return self._compiled(("loop", signature, guided, shapes), run, args,
                           (self.param_shardings, r, b, b, r, r, r, r, r), (b, r))
 
   def _calls(self, params, plan, x_T, y, cfg_scale, key, execute):
     """Runs (execute) or only compiles the plan's calls; returns (x, stats) of the last call when run."""
-    num_steps = self.diffusion.num_timesteps
+    num_steps = self.schedule.num_evaluations
     if plan.num_steps != num_steps:
-      raise ValueError(f"the plan has {plan.num_steps} steps, the sampling diffusion {num_steps}")
+      raise ValueError(f"the plan has {plan.num_steps} steps, the sampling schedule {num_steps} model evaluations")
     guided = cfg_scale != 1.0
     keys = jax.random.split(key, num_steps)
     stats_dtype = layers.at_least_float32(self.model.compute_dtype)
     stats = {name: jnp.zeros((num_steps,), stats_dtype) for name in STAT_NAMES}
     cfg = jnp.float32(cfg_scale)
     scanned = "blocks" in params
-    x, blocks, units = x_T, [None] * self.model.depth, [None] * self.model.depth
+    x, blocks, units = self.schedule.init(x_T), [None] * self.model.depth, [None] * self.model.depth
     for call in plan.calls:
       call_units = plan.units(call.start, call.signature)
       block_plans = None
@@ -487,10 +529,10 @@ class FastSampler:
     Returns (x_0 (B', H, W, C), per-step stats {name: (S,) numpy}: flops_ratio (mean over rows of what the
     masks kept), wanted, kept, unwanted_run (token counts summed over rows and blocks), flops_ratio_executed).
     """
-    x, stats = self._calls(params, plan, x_T, y, cfg_scale, key, execute=True)
+    state, stats = self._calls(params, plan, x_T, y, cfg_scale, key, execute=True)
     stats = {name: np.asarray(jax.device_get(value)) for name, value in stats.items()}
     stats["flops_ratio_executed"] = plan.executed_flops_ratio()
-    return x, stats
+    return self.schedule.result(state), stats
 
 
 def options_for(sample_config):

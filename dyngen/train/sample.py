@@ -91,7 +91,9 @@ class Sampler:
     self.fast_sampler = None
     if self.fast:
       replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-      self.fast_sampler = routing_plan.FastSampler(model, self.diffusion, sample_config,
+      # The process as the fast path steps it (per model evaluation: the model's t and the update).
+      self.schedule = routing_plan.gaussian_schedule(self.diffusion, sample_config)
+      self.fast_sampler = routing_plan.FastSampler(model, self.schedule, sample_config,
                                                    param_shardings=param_shardings,
                                                    batch_sharding=self.batch_sharding, replicated=replicated)
     self.last_plan = None  # The fast path's plan of the latest call.
@@ -178,7 +180,7 @@ class Sampler:
 
   def plan(self, params, *, token_counts=None) -> routing_plan.SamplingPlan:
     """The fast path's plan of this sampler's schedule for `params` (token_counts: see `make_plan`)."""
-    return routing_plan.make_plan(self.model, params, self.diffusion.timestep_map, self.routing_options,
+    return routing_plan.make_plan(self.model, params, self.schedule.model_timesteps, self.routing_options,
                                   token_counts=token_counts)
 
   def _sample_batch_fast(self, params, global_labels, key, cfg_scale):
@@ -189,7 +191,7 @@ class Sampler:
       token_counts = (self._token_counts or {}).get(guided)
       if token_counts is None:
         start = time.perf_counter()
-        token_counts = routing_plan.calibrate_token_counts(self.diffusion, self.model, params, x_T, y, cfg_scale,
+        token_counts = routing_plan.calibrate_token_counts(self.schedule, self.model, params, x_T, y, cfg_scale,
                                                            loop_key, self.sample_config,
                                                            cache=self.fast_sampler.calibration_cache)
         self.calibration_seconds += time.perf_counter() - start
