@@ -32,7 +32,10 @@ setuptools.setup(
     name="dyngen",
     version="0.1.0",
     description="Efficient diffusion transformers (DiT, DiG, DyDiT) in JAX/Flax, TPU-first.",
-    packages=setuptools.find_packages(include=["dyngen", "dyngen.*", "pallas_kernels", "pallas_kernels.*"]),
+    # The experiment configs stay in the repository's configs/ and install as dyngen.configs, so that a config
+    # loads by name after `pip install` (dyngen.configs.get("dit_xl", "XL/2")).
+    packages=setuptools.find_packages(include=["dyngen", "dyngen.*"]) + ["dyngen.configs"],
+    package_dir={"dyngen.configs": "configs"},
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require={

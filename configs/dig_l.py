@@ -8,7 +8,7 @@ guidance), set beside DiT-L/2 at the same recipe. The model is 465.0 M parameter
 the paper's way (`dyngen.models.flops.gflops(config.model, convention="paper")`); the complete count,
 with the GLA core and SwiGLU down-projection, is higher.
 """
-from configs import families
+from dyngen.recipes import families
 
 
 def get_config(arg=None):

@@ -6,7 +6,7 @@
 Reproduces DiT paper Table 4 (FID-50K at 400K steps, 250 DDPM steps, no guidance)
 for DiT-B/2: 43.5 (B/4: 68.4, B/8: 122.7). The model is 130M parameters, 23.01 GFLOPs at B/2.
 """
-from configs import families
+from dyngen.recipes import families
 
 
 def get_config(arg=None):

@@ -6,7 +6,7 @@
 Reproduces DiT paper Table 4 (FID-50K at 400K steps, 250 DDPM steps, no guidance)
 for DiT-L/2: 23.3 (L/4: 45.6, L/8: 118.9). The model is 458M parameters, 80.71 GFLOPs at L/2.
 """
-from configs import families
+from dyngen.recipes import families
 
 
 def get_config(arg=None):

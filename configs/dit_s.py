@@ -6,7 +6,7 @@
 Reproduces DiT paper Table 4 (FID-50K at 400K steps, 250 DDPM steps, no guidance)
 for DiT-S/2: 68.4 (S/4: 100.4, S/8: 153.6). The model is 33M parameters, 6.06 GFLOPs at S/2.
 """
-from configs import families
+from dyngen.recipes import families
 
 
 def get_config(arg=None):

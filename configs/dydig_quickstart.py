@@ -11,9 +11,9 @@ objective; <workdir>/summary.json compares the two (digits accuracy, Fréchet di
 """
 import ml_collections
 
-from configs import common
-from configs import dydit_quickstart
-from configs import quickstart
+from dyngen.configs import dydit_quickstart
+from dyngen.configs import quickstart
+from dyngen.recipes import common
 
 
 def dense_dig_config(runlocal):

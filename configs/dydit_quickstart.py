@@ -12,8 +12,8 @@ ratio the routed model achieved over the sampling schedule.
 
 `:runlocal` shrinks both stages to a one-minute smoke run.
 """
-from configs import common
-from configs import quickstart
+from dyngen.configs import quickstart
+from dyngen.recipes import common
 from dyngen.train import objectives
 
 

@@ -4,13 +4,13 @@
   python -m dyngen.main --config=configs/dydit_s.py:S/2,ratio=0.7 --workdir=DIR ...
   python -m dyngen.main --config=configs/dydit_s.py:S/2,runlocal --workdir=DIR      # smoke run, no weights
 
-The official recipes (configs/families.py DYDIT_RECIPES): λ=0.5 in two stages in one workdir (stage 1 with
+The official recipes (dyngen/recipes/families.py DYDIT_RECIPES): λ=0.5 in two stages in one workdir (stage 1 with
 the complete model's loss for 30K steps, then rerun with ':S/2,ratio=0.5,stage=2' to 200K without it),
 λ=0.7 in one stage of 150K steps; AdamW at batch 256, timesteps stratified by quartile, updates skipped
 above a gradient norm. The warm start is the DiT checkpoint of the same variant (an official .pt or a
 dyngen workdir); its routers start fresh with everything on.
 """
-from configs import families
+from dyngen.recipes import families
 
 
 def get_config(arg=None):

@@ -4,7 +4,7 @@
   python -m dyngen.main --config=configs/dydit_xl.py:XL/2,ratio=0.7 --workdir=DIR ...
   python -m dyngen.main --config=configs/dydit_xl.py:XL/2,runlocal --workdir=DIR      # smoke run, no weights
 
-The official recipes (configs/families.py DYDIT_RECIPES): λ=0.5 in two stages in one workdir (stage 1 with
+The official recipes (dyngen/recipes/families.py DYDIT_RECIPES): λ=0.5 in two stages in one workdir (stage 1 with
 the complete model's loss for 30K steps, then rerun with ':XL/2,ratio=0.5,stage=2' to 200K without it),
 λ=0.7 in one stage of 150K steps; AdamW at batch 256, timesteps stratified by quartile, updates skipped
 above a gradient norm. The warm start is the DiT checkpoint of the same variant (an official .pt or a
@@ -13,7 +13,7 @@ dyngen workdir); its routers start fresh with everything on.
 Reproduces the DyDiT paper's headline: DyDiT-XL/2 at λ=0.5, FID-50K 2.07 (DiT-XL/2: 2.27) with 51% fewer
 FLOPs (cfg 1.5, 250 DDPM steps) after < 3% of DiT's pretraining iterations.
 """
-from configs import families
+from dyngen.recipes import families
 
 
 def get_config(arg=None):

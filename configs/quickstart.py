@@ -17,8 +17,8 @@ to 3,000 steps instead of 400K, and sampling as ADM does in pixel space (x_0 est
 """
 import ml_collections
 
-from configs import common
 from dyngen import data as data_lib
+from dyngen.recipes import common
 
 
 def get_config(arg=None):

@@ -11,7 +11,7 @@ What counts as a user error (everything else is an internal error and keeps its 
 - exceptions of the classes in `USER_ERROR_CLASSES` (bad checkpoints, torch files that do not fit, a diverged run),
   wherever raised;
 - ValueError and OSError (FileNotFoundError, FileExistsError, ...) raised by dyngen's own code (the innermost
-  frame is in a `dyngen` or `pallas_kernels` module): the project's checks of config values, data, paths and
+  frame is in a `dyngen` module): the project's checks of config values, data, paths and
   arrays. The same types raised inside a library (jax, orbax, numpy) may be dyngen's bug and keep the traceback.
 Set DYNGEN_TRACEBACK=1 to see the traceback of a user error as well.
 
@@ -42,7 +42,7 @@ USER_ERROR_CLASSES = frozenset({
     "dyngen.train.trainer.NonFiniteLossError",
     "absl.app.UsageError",
 })
-_OWN_PACKAGES = ("dyngen", "pallas_kernels")
+_OWN_PACKAGES = ("dyngen",)
 _OWN_ROOTS = tuple(pathlib.Path(__file__).resolve().parents[1] / name for name in _OWN_PACKAGES)
 _HELP_FLAGS = ("--help", "-help", "--helpshort", "-helpshort", "--helpfull", "-helpfull", "--helpxml", "-helpxml",
                "-?", "-h")

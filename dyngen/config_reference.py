@@ -36,13 +36,11 @@ _MAX_VALUE_CHARS = 70
 
 def config_modules() -> dict[str, object]:
   """{"configs/<name>.py": module} of every config file with a top-level get_config, sorted by name."""
-  if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
   modules = {}
   for path in sorted(CONFIG_DIR.glob("*.py")):
     tree = ast.parse(path.read_text())
     if any(isinstance(node, ast.FunctionDef) and node.name == "get_config" for node in tree.body):
-      modules[f"configs/{path.name}"] = importlib.import_module(f"configs.{path.stem}")
+      modules[f"configs/{path.name}"] = importlib.import_module(f"dyngen.configs.{path.stem}")
   return modules
 
 
@@ -201,7 +199,7 @@ def source_comments(path: pathlib.Path) -> list[Comment]:
   source = path.read_text()
   comments, code_lines, lines = _comments_by_line(source), _code_lines(source), source.splitlines()
   relative = path.relative_to(REPO_ROOT).as_posix()
-  in_configs = relative.startswith("configs/")
+  in_configs = relative.startswith(("configs/", "dyngen/recipes/"))
   found = []
 
   def add(field_path, node, value, prefixed):
@@ -263,15 +261,15 @@ def repository_sources() -> list[pathlib.Path]:
 class Descriptions:
   """Field path -> description: comments on an assignment of that path, or of its leaf in a config constant.
 
-  The table of every field takes the comment written where the field gets its usual value (configs/common.py,
-  then dyngen's section builders, then configs/families.py, then the rest); a config's own table takes the
+  The table of every field takes the comment written where the field gets its usual value (dyngen/recipes/common.py,
+  then dyngen's section builders, then dyngen/recipes/families.py, then the rest); a config's own table takes the
   comment where the config's value is set, if not already the general one. A comment on an assignment of
   another literal value is the reason for that value, not a description of the field.
   """
 
   def __init__(self, comments: list[Comment]):
     def order(comment):
-      rank = {"configs/common.py": 0, "configs/families.py": 2}.get(comment.source)
+      rank = {"dyngen/recipes/common.py": 0, "dyngen/recipes/families.py": 2}.get(comment.source)
       return (rank if rank is not None else 1 if comment.source.startswith("dyngen/") else 3), comment.source
 
     self.exact = collections.defaultdict(list)

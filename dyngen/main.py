@@ -7,7 +7,7 @@ r"""dyngen's entry point: train a diffusion transformer, or sample from a traine
   python -m dyngen.main --mode=sample --config=configs/dit_xl.py --workdir=gs://bucket/dit_xl \
       --config.sample.num_samples=50000 --config.sample.cfg_scale=1.5
 
-Run from the repository root (config files import `configs.common`). Rerunning a training command with
+Config files load from any directory (they import only dyngen). Rerunning a training command with
 the same workdir resumes from its newest checkpoint. `--config.<field>=<value>` overrides any field;
 unknown fields and values of the wrong type are refused before anything runs.
 

@@ -1,4 +1,4 @@
-"""Shared test setup: the repository root on sys.path (config files import `configs.common`) and markers."""
+"""Shared test setup: the repository root on sys.path and markers."""
 import pathlib
 import sys
 
@@ -36,7 +36,7 @@ def tiny_config(digits_data_dir):
 
   Overrides are dotted field names with '__' for '.', e.g. make(num_train_steps=6, optimizer__learning_rate=1).
   """
-  from configs import common  # pylint: disable=g-import-not-at-top
+  from dyngen.recipes import common  # pylint: disable=g-import-not-at-top
   from dyngen import data as data_lib  # pylint: disable=g-import-not-at-top
 
   def make(**overrides):

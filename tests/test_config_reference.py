@@ -65,13 +65,13 @@ def test_every_field_of_every_config_is_listed_with_its_type(rendered):
 
 def test_a_configs_own_values_and_comments(rendered):
   quickstart = table_rows(rendered, "### `configs/quickstart.py`")
-  from configs import quickstart as quickstart_config  # pylint: disable=g-import-not-at-top
+  from dyngen.configs import quickstart as quickstart_config  # pylint: disable=g-import-not-at-top
   config = quickstart_config.get_config()
   assert quickstart["sample.num_steps"][1] == f"`{config.sample.num_steps!r}`"
   assert quickstart["diffusion.noise_schedule"][1] == "`'squaredcos_cap_v2'`"
   assert "sample.eta" not in quickstart  # Its usual value: listed only in the first table.
-  # The comment beside the field in configs/common.py, read here with a regular expression.
-  source = (REPO_ROOT / "configs" / "common.py").read_text()
+  # The comment beside the field in dyngen/recipes/common.py, read here with a regular expression.
+  source = (REPO_ROOT / "dyngen" / "recipes" / "common.py").read_text()
   comment = re.search(r"^\s*guidance_channels=3,\s*#\s*(.*)$", source, re.MULTILINE).group(1)
   assert table_rows(rendered, "## Every field")["sample.guidance_channels"][4] == comment
 

@@ -344,7 +344,7 @@ def test_a_dydit_checkpoint_does_not_fit_a_dit_and_the_reverse():
 # Configs and bad input.
 
 def _run_config(**dynamic):
-  from configs import dydit_s  # pylint: disable=g-import-not-at-top
+  from dyngen.configs import dydit_s  # pylint: disable=g-import-not-at-top
   config = dydit_s.get_config("S/2,runlocal")
   config.dynamic.update(dynamic)
   return config
@@ -372,7 +372,7 @@ def test_dynamic_section_required_and_refused_where_it_does_not_belong():
 
 
 def test_recipes():
-  from configs import dydit_xl  # pylint: disable=g-import-not-at-top
+  from dyngen.configs import dydit_xl  # pylint: disable=g-import-not-at-top
   half = dydit_xl.get_config("XL/2")
   assert (half.optimizer.learning_rate, half.optimizer.skip_update_grad_norm, half.dynamic.warmup_steps,
           half.dynamic.complete_model_loss, half.num_train_steps) == (1e-4, 200.0, 1000, True, 30_000)

@@ -1,4 +1,4 @@
-"""pallas_kernels.gla against the float64 token-by-token recurrence.
+"""dyngen.pallas_kernels.gla against the float64 token-by-token recurrence.
 
 Error norm throughout: max|actual - expected| / max|expected| over the whole array (absolute error when the
 reference is exactly zero, e.g. the gate gradient of a one-token sequence). float32 results must agree to
@@ -18,8 +18,8 @@ import pytest
 from jax import export
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels import gla
-from pallas_kernels.gla import chunked
+from dyngen.pallas_kernels import gla
+from dyngen.pallas_kernels.gla import chunked
 
 # Optimising the test programs costs more than running them (interpret-mode kernels especially).
 _FAST_COMPILE = {"xla_backend_optimization_level": 0}

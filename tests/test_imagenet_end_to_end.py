@@ -110,7 +110,7 @@ def test_images_to_latents_to_training_to_samples_to_fid(tmp_path):
 
   # Training from images with the VAE encoding on the fly (no extraction): the train step's batch is
   # scale · (a posterior sample) drawn with the step's "latent" key, through the same VAE.
-  from configs import dit_s  # pylint: disable=g-import-not-at-top
+  from dyngen.configs import dit_s  # pylint: disable=g-import-not-at-top
   from dyngen import data as data_lib  # pylint: disable=g-import-not-at-top
   from dyngen.train import objectives, trainer  # pylint: disable=g-import-not-at-top
   config = dit_s.get_config("S/2")

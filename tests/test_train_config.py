@@ -5,7 +5,7 @@ import re
 import ml_collections
 import pytest
 
-from configs import common
+from dyngen.recipes import common
 from dyngen.train import config_checks
 from dyngen.train import trainer
 

@@ -72,7 +72,7 @@ def test_sample_mode_resumes_after_kill_with_every_image_once(tmp_path):
   import ml_collections  # pylint: disable=g-import-not-at-top
   from dyngen import models  # pylint: disable=g-import-not-at-top
   from dyngen.bench import measure  # pylint: disable=g-import-not-at-top
-  from configs import quickstart  # pylint: disable=g-import-not-at-top
+  from dyngen.configs import quickstart  # pylint: disable=g-import-not-at-top
 
   config = quickstart.get_config("runlocal")
   config.model.update(dict(depth=1, hidden_size=32, num_heads=2))

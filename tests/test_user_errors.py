@@ -385,7 +385,7 @@ def test_colab_recipe_runs_on_a_quickstart_checkpoint(tmp_path):
   # The quickstart's config (cosine schedule, 1 channel, 10 classes, guide all channels, clipped x_0) on a
   # 1-block model with random weights: the old recipe failed here on guidance_channels=3, gave NaN for its
   # ImageNet labels and sampled with the linear schedule.
-  from configs import quickstart  # pylint: disable=g-import-not-at-top
+  from dyngen.configs import quickstart  # pylint: disable=g-import-not-at-top
   from dyngen import checkpoint  # pylint: disable=g-import-not-at-top
   from dyngen import models  # pylint: disable=g-import-not-at-top
   from dyngen.bench import measure  # pylint: disable=g-import-not-at-top

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from dyngen.bench import measure
-from pallas_kernels import gla
+from dyngen.pallas_kernels import gla
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("lengths", ["256", "1024", "4096", "16384"], "Token counts.")

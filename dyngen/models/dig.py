@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from dyngen.models import layers
-from pallas_kernels import gla
+from dyngen.pallas_kernels import gla
 
 # GLA linears are initialised xavier-uniform with gain 2**-2.5 (fla's GatedLinearAttention).
 GLA_INIT_GAIN = 2 ** -2.5

@@ -19,7 +19,7 @@ from dyngen.train import routing_plan
 
 _INT, _FLOAT, _STR, _BOOL, _INTS, _STRS, _RULES = "int", "float", "str", "bool", "ints", "strs", "rules"
 
-# Every trainer field: dotted path -> kind. The defaults live in configs/common.py.
+# Every trainer field: dotted path -> kind. The defaults live in dyngen/recipes/common.py.
 TRAINER_FIELDS = {
     "seed": _INT,
     "init_from": _STR,
@@ -137,12 +137,12 @@ def check_fields(config) -> None:
     close = difflib.get_close_matches(path, known, n=1)
     hint = f" Did you mean config.{close[0]}?" if close else ""
     raise ValueError(f"config.{path} is not a field the trainer reads.{hint} Known fields are listed in "
-                     "dyngen/train/config_checks.py (TRAINER_FIELDS) with defaults in configs/common.py.")
+                     "dyngen/train/config_checks.py (TRAINER_FIELDS) with defaults in dyngen/recipes/common.py.")
   for path, kind in TRAINER_FIELDS.items():
     try:
       value = _get(config, path)
     except (KeyError, AttributeError):
-      raise ValueError(f"config.{path} is missing; start from configs/common.py's training_config(), which "
+      raise ValueError(f"config.{path} is missing; start from dyngen/recipes/common.py's training_config(), which "
                        "sets every trainer field.") from None
     if not _kind_ok(value, kind):
       raise ValueError(f"config.{path} must be {_KIND_WORDS[kind]}, got {value!r} ({type(value).__name__}).")

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.gla import layout
+from dyngen.pallas_kernels.gla import layout
 
 _F32 = jnp.float32
 

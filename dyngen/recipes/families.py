@@ -1,13 +1,13 @@
 """Model fields of each family at the papers' sizes, and the experiment config every family file shares.
 
 `configs/dit_xl.py` and its siblings are one line each on top of `experiment_config`, so the recipe lives
-in one place (configs/common.py) and the model sizes in another (dyngen.models.SIZES).
+in one place (dyngen/recipes/common.py) and the model sizes in another (dyngen.models.SIZES).
 """
 import ml_collections
 
-from configs import common
 from dyngen import data as data_lib
 from dyngen import models
+from dyngen.recipes import common
 from dyngen.train import objectives
 
 # Fields every family takes (the official constructors' argument names) with the papers' values.
@@ -20,7 +20,7 @@ BASE_MODEL_FIELDS = dict(
     # 12544 tokens: 1.30 GiB against 10.5 unrolled). docs/benchmarks/scan_blocks_cpu.md, dig_vs_dit_cpu.md.
     scan_blocks=False)
 
-# Implementation choices per family; "auto" picks by backend (see dyngen/models/attention.py, pallas_kernels/gla).
+# Implementation choices per family; "auto" picks by backend (dyngen/models/attention.py, dyngen/pallas_kernels/gla).
 FAMILY_FIELDS = {
     "dit": dict(attention="auto", attention_chunk_size=1024),
     "dig": dict(gla_implementation="auto", gla_chunk_size=64),

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.gla import layout
+from dyngen.pallas_kernels.gla import layout
 
 # Gate sums must not be rounded to bf16/TF32 by a backend's default matmul precision.
 _EXACT = jax.lax.Precision.HIGHEST

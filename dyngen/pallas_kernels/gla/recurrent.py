@@ -18,7 +18,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.gla import layout
+from dyngen.pallas_kernels.gla import layout
 
 
 def _time_major(x, dtype):

@@ -1,8 +1,8 @@
-"""Recipe pieces shared by every experiment config in configs/.
+"""Recipe pieces shared by every experiment config in configs/ (installed as `dyngen.configs`).
 
-An experiment config (run from the repository root, `python -m dyngen.main --config=configs/<name>.py`):
+An experiment config (`python -m dyngen.main --config=configs/<name>.py`, from any directory):
 
-  from configs import common
+  from dyngen.recipes import common
 
   def get_config(arg=None):
     arg = common.parse_arg(arg, variant="XL/2", runlocal=False)

@@ -19,9 +19,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.gla import kernel_body
-from pallas_kernels.gla import layout
-from pallas_kernels.gla import pallas_vjp
+from dyngen.pallas_kernels.gla import kernel_body
+from dyngen.pallas_kernels.gla import layout
+from dyngen.pallas_kernels.gla import pallas_vjp
 
 SUB_CHUNK = 16
 NUM_WARPS = 4

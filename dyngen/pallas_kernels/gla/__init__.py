@@ -13,12 +13,12 @@
 
 import jax
 
-from pallas_kernels.gla import layout
-from pallas_kernels.gla.chunked import gated_linear_attention_chunked
-from pallas_kernels.gla.pallas_gpu import gated_linear_attention_pallas_gpu
-from pallas_kernels.gla.pallas_tpu import gated_linear_attention_pallas_tpu
-from pallas_kernels.gla.recurrent import gated_linear_attention_recurrent
-from pallas_kernels.gla.reference import gated_linear_attention_reference
+from dyngen.pallas_kernels.gla import layout
+from dyngen.pallas_kernels.gla.chunked import gated_linear_attention_chunked
+from dyngen.pallas_kernels.gla.pallas_gpu import gated_linear_attention_pallas_gpu
+from dyngen.pallas_kernels.gla.pallas_tpu import gated_linear_attention_pallas_tpu
+from dyngen.pallas_kernels.gla.recurrent import gated_linear_attention_recurrent
+from dyngen.pallas_kernels.gla.reference import gated_linear_attention_reference
 
 IMPLEMENTATIONS = layout.IMPLEMENTATIONS
 _AUTO = {"tpu": "pallas_tpu", "gpu": "pallas_gpu", "cpu": "recurrent"}

@@ -14,7 +14,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.gla import layout
+from dyngen.pallas_kernels.gla import layout
 
 
 class Launchers(NamedTuple):

@@ -9,7 +9,7 @@ exact in float64 when 64-bit mode is on. Slow: use it for tests, not for models.
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.gla import layout
+from dyngen.pallas_kernels.gla import layout
 
 
 def gated_linear_attention_reference(q, k, v, log_alpha, *, scale=None, reverse=False):

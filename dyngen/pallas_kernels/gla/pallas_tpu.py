@@ -17,9 +17,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.gla import kernel_body
-from pallas_kernels.gla import layout
-from pallas_kernels.gla import pallas_vjp
+from dyngen.pallas_kernels.gla import kernel_body
+from dyngen.pallas_kernels.gla import layout
+from dyngen.pallas_kernels.gla import pallas_vjp
 
 MAX_HEADS_PER_BLOCK = 8
 SUBLANES = 8
