@@ -185,8 +185,9 @@ def test_same_seed_same_batches_other_seed_other_batches(digits_config):
 
 
 def test_hosts_split_the_global_stream(digits_config):
-  # 3 hosts x 4 = global batch 12. Host p's batch s must be rows p, p+3, p+6, p+9 of the one-host batch s:
-  # together the hosts read exactly the one-host stream, and no example twice within an epoch.
+  # 3 hosts x 4 = global batch 12. Host p's batch s must be rows 4p .. 4p+3 of the one-host batch s (the rows
+  # its devices hold in the global array): together the hosts read exactly the one-host stream, in the one-host
+  # order, and no example twice within an epoch.
   steps = 130  # > one epoch of 1497 examples (124.75 steps): crosses the reshuffle between epochs.
   single = take(data.create_input_pipeline(digits_config, global_batch_size=12, seed=3, process_index=0,
                                            process_count=1), steps)
@@ -194,8 +195,8 @@ def test_hosts_split_the_global_stream(digits_config):
     shard = take(data.create_input_pipeline(digits_config, global_batch_size=12, seed=3, process_index=host,
                                             process_count=3), steps)
     for whole, part in zip(single, shard):
-      np.testing.assert_array_equal(part["image"], whole["image"][host::3])
-      np.testing.assert_array_equal(part["label"], whole["label"][host::3])
+      np.testing.assert_array_equal(part["image"], whole["image"][4 * host:4 * (host + 1)])
+      np.testing.assert_array_equal(part["label"], whole["label"][4 * host:4 * (host + 1)])
   # The first epoch of the one-host stream is a permutation of the train split.
   stream = to_uint8(np.concatenate([b["image"] for b in single]))
   labels = np.concatenate([b["label"] for b in single])

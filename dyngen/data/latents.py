@@ -9,7 +9,7 @@
 Order of operations mirrors the pixel pipeline (dyngen/data/pipeline.py), so batches are reproducible and
 resumable in the same way:
 
-  shards -> shuffle(seed) -> repeat -> decode record + random flip -> [process_index::process_count] -> batch
+  shards -> shuffle(seed) -> repeat -> decode record + random flip -> pipeline.host_batches
 
 The flip picks the record's `mean_flip`/`std_flip` (the posterior of the mirrored image, encoded at
 extraction) instead of mirroring the latent: the VAE is not flip-equivariant. The posterior sample is drawn
@@ -151,8 +151,8 @@ def create_latent_pipeline(
   # Its own seed, derived from `seed`, as the pixel pipeline's flip.
   dataset = dataset.random_map(DecodeLatentRecord(data_config.get("random_flip", True)),
                                seed=int(np.random.SeedSequence([seed, 1]).generate_state(1)[0]))
-  dataset = dataset[process_index::process_count]
-  dataset = dataset.batch(global_batch_size // process_count, drop_remainder=drop_remainder)
+  dataset = pipeline.host_batches(dataset, global_batch_size=global_batch_size, process_index=process_index,
+                                  process_count=process_count, drop_remainder=drop_remainder)
   dataset = dataset.map(StackLatentBatch())
   iter_dataset = dataset.to_iter_dataset(
       grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=2 * max(read_threads, 1)))

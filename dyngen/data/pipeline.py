@@ -3,12 +3,13 @@
 Order of operations (all lazy, per index):
 
   source -> shuffle(seed) -> repeat (reshuffled each epoch) -> decode + ADM crop -> random flip
-         -> [process_index::process_count] -> batch(global_batch_size // process_count) -> to [-1, 1]
+         -> host_batches (this host's rows of each global batch) -> to [-1, 1]
 
-The shard is taken after shuffling and repeating: host p gets elements p, p + P, p + 2P, ... of one global
-stream, so global step s always consumes the global elements [s * B, (s + 1) * B) whatever the number of
-hosts, and hosts never see the same element within an epoch. The flip is drawn from the element's index
-in that global stream, so it is reproducible too.
+The shard is taken after shuffling and repeating: global step s consumes the elements [s * B, (s + 1) * B)
+of one global stream, and host p reads rows [p * b, (p + 1) * b) of them (b = B / P), the rows that its
+devices hold in the global batch array. So the global batch is the same array whatever the number of hosts
+(a run on 2 hosts computes what one host computes), and hosts never see the same element within an epoch.
+The flip is drawn from the element's index in that global stream, so it is reproducible too.
 
 The iterator is a `grain.DatasetIterator`: `get_state()` is a small JSON-able dict (how many batches were
 read) and `set_state(state)` resumes exactly there. Save it beside the train state with Orbax:
@@ -30,6 +31,7 @@ With `config.data.worker_count > 0` batches are produced in that many worker pro
 `dyngen.main` does. The default 0 works everywhere (tests, notebooks) and uses threads only.
 """
 import functools
+import sys
 
 import grain
 import ml_collections
@@ -80,6 +82,21 @@ def check_pipeline_args(global_batch_size, seed, process_index, process_count, n
   return process_index, process_count
 
 
+def host_batches(dataset: grain.MapDataset, *, global_batch_size: int, process_index: int, process_count: int,
+                 drop_remainder: bool) -> grain.MapDataset:
+  """This host's part of each global batch of `dataset`: rows [p * b, (p + 1) * b) of elements
+  [s * B, (s + 1) * B) at step s, with b = B // P.
+
+  `make_array_from_process_local_data` puts host p's rows on host p's devices, which come p-th in
+  `jax.devices()` and so in the mesh: contiguous rows make the global array the single-host one. (Taking
+  every P-th element would give the same examples in another order, and other noise per example.)
+  """
+  local_batches = dataset.batch(global_batch_size // process_count, drop_remainder=drop_remainder)
+  if drop_remainder and len(dataset) < sys.maxsize:  # Finite (not repeated forever): whole global batches only.
+    local_batches = local_batches[:len(local_batches) // process_count * process_count]
+  return local_batches[process_index::process_count]
+
+
 def create_input_pipeline(
     data_config,
     *,
@@ -127,8 +144,8 @@ def create_input_pipeline(
     # Its own seed, derived from `seed`, so flips do not repeat the shuffle's random stream.
     dataset = dataset.random_map(transforms.RandomFlipLeftRight(),
                                  seed=int(np.random.SeedSequence([seed, 1]).generate_state(1)[0]))
-  dataset = dataset[process_index::process_count]
-  dataset = dataset.batch(global_batch_size // process_count, drop_remainder=drop_remainder)
+  dataset = host_batches(dataset, global_batch_size=global_batch_size, process_index=process_index,
+                         process_count=process_count, drop_remainder=drop_remainder)
   dataset = dataset.map(transforms.ScaleToSymmetricRange())
   read_threads = data_config.get("read_threads", 8)
   if read_threads < 0:
