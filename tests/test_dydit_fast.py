@@ -163,14 +163,14 @@ def test_segment_merge_is_the_cheapest_partition():
     for group in groups:
       caps = per_run[list(group)].max(axis=0)
       steps = sum(lengths[i] for i in group)
-      total += steps * routing_plan._segment_cost(caps, 4, 4, unit)  # pylint: disable=protected-access
+      total += steps * routing_plan._segment_cost(caps, (4, 4), 4, unit)  # pylint: disable=protected-access
     return total
 
   for budget in (1, 2, 3):
-    merged = routing_plan.merge_segments(runs, capacities, budget, 4, 4, unit)
+    merged = routing_plan.merge_segments(runs, capacities, budget, (4, 4), 4, unit)
     assert len(merged) <= budget
     assert merged[0][0] == 0 and merged[-1][1] == starts[-1]
-    got = sum((stop - start) * routing_plan._segment_cost(caps, 4, 4, unit)  # pylint: disable=protected-access
+    got = sum((stop - start) * routing_plan._segment_cost(caps, (4, 4), 4, unit)  # pylint: disable=protected-access
               for start, stop, caps in merged)
     best = min(cost([range(a, b) for a, b in zip((0,) + cuts, cuts + (6,))])
                for m in range(budget) for cuts in itertools.combinations(range(1, 6), m))

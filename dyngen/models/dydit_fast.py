@@ -16,14 +16,13 @@ heads / groups are the rows of `BlockPlan` (traced: one program serves every ste
 When the capacities cover every unit and token the routers want, the output equals the masked model's up
 to float32 summation order.
 """
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from dyngen.models import attention as attention_lib
 from dyngen.models import dydit
-from dyngen.models import flops
 from dyngen.models import layers
 
 # Per block: (heads, groups, tokens) capacities; a model's signature is one per block.
@@ -41,11 +40,11 @@ class BlockPlan(NamedTuple):
   group_mask: jax.Array
 
 
-def _linear(x, kernel, bias, dtype):
-  """x (..., K) @ kernel (K, F) + bias (F,) as one 2-D matmul (see `layers.rows_dot_general`)."""
+def linear(x, kernel, bias, dtype):
+  """x (..., K) @ kernel (K, F) + bias (F,) (None: no bias) as one 2-D matmul (see `layers.rows_dot_general`)."""
   lead = x.shape[:-1]
-  out = jnp.dot(x.reshape(-1, x.shape[-1]).astype(dtype), kernel.astype(dtype))
-  return out.reshape(*lead, kernel.shape[-1]) + bias.astype(dtype)
+  out = jnp.dot(x.reshape(-1, x.shape[-1]).astype(dtype), kernel.astype(dtype)).reshape(*lead, kernel.shape[-1])
+  return out if bias is None else out + bias.astype(dtype)
 
 
 def _layer_norm(x, dtype):
@@ -81,36 +80,46 @@ def gather_block(model: dydit.Model, p, plan: BlockPlan):
       head_fraction=jnp.sum(plan.head_mask) / heads, group_fraction=jnp.sum(plan.group_mask) / heads)
 
 
-def block(model: dydit.Model, g, x, cond: layers.Conditioning, tokens: int):
-  """One DyDiT block on its gathered slices g (`gather_block`). x: (B, N, D).
+def block(model: dydit.Model, g, x, cond: layers.Conditioning, tokens: int, index: int = 0):
+  """One DyDiT block on its gathered slices g (`gather_block`). x: (B, N, D); index: its place (unused).
 
-  Returns (x, stats) with stats of (B,) rows: wanted (tokens the router wanted), kept (wanted and within
-  the capacity: those whose MLP update was added), unwanted_run (selected tokens the router did not want).
+  Returns (x, stats) as `token_routed_update`.
   """
+  del index
   dtype = model.compute_dtype
   batch, num_tokens, width = x.shape
   head_dim = width // model.num_heads
-  modulation = _linear(jax.nn.silu(cond.c), g["adaln_kernel"], g["adaln_bias"], dtype)
+  modulation = linear(jax.nn.silu(cond.c), g["adaln_kernel"], g["adaln_bias"], dtype)
   shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(modulation, 6, axis=-1)
 
   # Attention on the gathered heads.
   h = layers.modulate(_layer_norm(x, dtype), shift_msa, scale_msa).astype(dtype)
   count = g["qkv_bias"].shape[0] // (3 * head_dim)  # gathered heads
-  qkv = _linear(h, g["qkv_kernel"], g["qkv_bias"], dtype).reshape(batch, num_tokens, 3, count, head_dim)
+  qkv = linear(h, g["qkv_kernel"], g["qkv_bias"], dtype).reshape(batch, num_tokens, 3, count, head_dim)
   out = attention_lib.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], model.attention,
                                             model.attention_chunk_size)  # (B, N, h, Dh)
-  out = _linear(out.reshape(batch, num_tokens, -1), g["proj_kernel"], g["proj_bias"], dtype)
+  out = linear(out.reshape(batch, num_tokens, -1), g["proj_kernel"], g["proj_bias"], dtype)
   x = x + gate_msa[:, None] * out
-
-  # Token routing on the residual stream after the attention update, as the masked block.
-  logits = dydit.TokenRouter(dtype).apply({"params": g["token_router"]}, x)  # (B, N)
-  wanted = dydit.binarize(logits, train=False, tau=model.router_tau, threshold=model.router_threshold)
 
   def mlp_update(x_rows):  # (B, k, D) -> (B, k, D), the gated MLP update of those tokens
     h = layers.modulate(_layer_norm(x_rows, dtype), shift_mlp, scale_mlp).astype(dtype)
-    h = jax.nn.gelu(_linear(h, g["fc1_kernel"], g["fc1_bias"], dtype), approximate=True)
-    return gate_mlp[:, None] * _linear(h, g["fc2_kernel"], g["fc2_bias"], dtype)
+    h = jax.nn.gelu(linear(h, g["fc1_kernel"], g["fc1_bias"], dtype), approximate=True)
+    return gate_mlp[:, None] * linear(h, g["fc2_kernel"], g["fc2_bias"], dtype)
 
+  return token_routed_update(model, g["token_router"], x, mlp_update, tokens)
+
+
+def token_routed_update(model, token_router, x, mlp_update, tokens: int):
+  """x + the MLP update of the tokens the router wants, at most `tokens` of them (both routed families).
+
+  token_router: the block's token-router parameters, read on x (the stream after the attention update, as
+  the masked block); mlp_update(x_rows (B, k, D)) -> (B, k, D): the gated update of those rows.
+  Returns (x, stats) with stats of (B,) rows: wanted (tokens the router wanted), kept (wanted and within
+  the capacity: those whose MLP update was added), unwanted_run (selected tokens the router did not want).
+  """
+  batch, num_tokens, _ = x.shape
+  logits = dydit.TokenRouter(model.compute_dtype).apply({"params": token_router}, x)  # (B, N)
+  wanted = dydit.binarize(logits, train=False, tau=model.router_tau, threshold=model.router_threshold)
   if tokens >= num_tokens:
     update = mlp_update(x)
     x = x + wanted[..., None].astype(update.dtype) * update
@@ -130,21 +139,36 @@ def block(model: dydit.Model, g, x, cond: layers.Conditioning, tokens: int):
   return x, stats
 
 
-def gather(model: dydit.Model, params, plans):
-  """`gather_block` of every block: params unscanned (blocks_0 ...) or scanned ("blocks", sliced per block)."""
+class Family(NamedTuple):
+  """What a routed family supplies to the shared fast path (this module's frame, `routing_plan`).
+
+  gather_block(model, block params, BlockPlan) -> the block's slices (a dict of arrays holding
+    head_fraction and group_fraction, the fractions of heads / groups with mask 1);
+  block(model, slices, x (B, N, D), cond, tokens, index) -> (x, stats as `token_routed_update`); index is
+    the block's place in the stack (a Python int).
+  """
+  gather_block: Callable
+  block: Callable
+
+
+def gather(model: dydit.Model, params, plans, family: Family | None = None):
+  """The family's gather of every block (default DyDiT's): params unscanned (blocks_0 ...) or scanned
+  ("blocks", sliced per block)."""
+  family = family or DYDIT
   if len(plans) != model.depth:
     raise ValueError(f"need one plan per block ({model.depth}), got {len(plans)}")
-  return [gather_block(model, jax.tree.map(lambda a: a[index], params["blocks"]) if "blocks" in params
-                       else params[f"blocks_{index}"], plan) for index, plan in enumerate(plans)]
+  return [family.gather_block(model, jax.tree.map(lambda a: a[index], params["blocks"]) if "blocks" in params
+                              else params[f"blocks_{index}"], plan) for index, plan in enumerate(plans)]
 
 
-def forward(model: dydit.Model, params, x, t, y, plans, capacities):
+def forward(model: dydit.Model, params, x, t, y, plans, capacities, family: Family | None = None):
   """`forward_gathered` on the slices of `plans` (one `BlockPlan` per block)."""
-  return forward_gathered(model, params, gather(model, params, plans), x, t, y, capacities)
+  return forward_gathered(model, params, gather(model, params, plans, family), x, t, y, capacities, family)
 
 
-def forward_gathered(model: dydit.Model, params, blocks, x, t, y, capacities):
-  """The DyDiT forward pass on gathered slices. x: (B, H, W, C); t, y: (B,).
+def forward_gathered(model: dydit.Model, params, blocks, x, t, y, capacities, family: Family | None = None):
+  """The routed model's forward pass on gathered slices (the family's blocks; default DyDiT's).
+  x: (B, H, W, C); t, y: (B,).
 
   params: the model's parameters (only the embedders and the final layer are read); blocks: `gather(...)`;
   capacities: one (heads, groups, tokens) per block, heads and groups equal to the gathered counts.
@@ -163,14 +187,15 @@ def forward_gathered(model: dydit.Model, params, blocks, x, t, y, capacities):
   y_emb = layers.LabelEmbedder(model.num_classes, model.hidden_size, model.class_dropout_prob, dtype).apply(
       {"params": params["y_embedder"]}, y)
   cond = layers.Conditioning(t_emb + y_emb, t_emb)
-  unit_macs = flops.dydit_unit_macs(model)
+  family = family or DYDIT
+  unit_macs = model.unit_macs()
   weight_a = unit_macs.attention / (unit_macs.attention + unit_macs.mlp)
   weight_m = unit_macs.mlp / (unit_macs.attention + unit_macs.mlp)
   stats = layers.at_least_float32(dtype)
   ratio = jnp.zeros((x.shape[0],), stats)
   totals = {}
-  for g, (_, _, capacity) in zip(blocks, capacities):
-    tokens, block_stats = block(model, g, tokens, cond, capacity)
+  for index, (g, (_, _, capacity)) in enumerate(zip(blocks, capacities)):
+    tokens, block_stats = family.block(model, g, tokens, cond, capacity, index)
     ratio = ratio + (g["head_fraction"].astype(stats) * weight_a + g["group_fraction"].astype(stats)
                      * block_stats["kept"].astype(stats) / model.num_tokens * weight_m)
     for name, value in block_stats.items():
@@ -179,3 +204,6 @@ def forward_gathered(model: dydit.Model, params, blocks, x, t, y, capacities):
       {"params": params["final_layer"]}, tokens, cond.c)
   out = layers.unpatchify(out, model.patch_size, model.out_channels, model.grid_size)
   return out.astype(stats), dict(flops_ratio=ratio / model.depth, **totals)
+
+
+DYDIT = Family(gather_block, block)

@@ -1,14 +1,17 @@
-"""DyDiT's fast sampling: a plan of what every step runs, known before sampling, and the programs that run it.
+"""Routed models' fast sampling: a plan of what every step runs, known before sampling, and the programs that
+run it. The machinery is shared by the routed families (DyDiT, DyDiG); a family supplies its gathered block
+(`dydit_fast.Family`: `dydit_fast.DYDIT`, `dydig_fast.DYDIG`; `fast_family`).
 
-Width. DyDiT's head and MLP-group routers read the timestep embedding alone, and every row of a sampling
+Width. The head and MLP-group routers read the timestep embedding alone, and every row of a sampling
 step (conditional and null halves) shares t, so the active units of every block at every step follow from
 the schedule and the routers. A "step" here is one model evaluation; the process is a `SamplingSchedule`
 (the model's t per evaluation and an update function; `gaussian_schedule` gives the respaced DDPM / DDIM
 loop, and any other sampler, e.g. a flow ODE on a fixed grid, plugs in the same way). `make_plan`:
   1. computes, per step and block, the router logits and eval decisions (`dydit.binarize`, unit 0 always
-     on) and applies the width cap (at most ceil(width_cap * H) units, the top by logit);
-  2. rounds each active count up to a capacity, one of ceil(j * H / capacity_buckets), j = 1..buckets (the
-     extra units are real units with mask 0: they run and add nothing);
+     on) and applies the width cap (at most ceil(width_cap * H) heads and ceil(width_cap * G) MLP groups,
+     the top by logit; H heads and G groups per block, `width_units`);
+  2. rounds each active count up to a capacity, one of ceil(j * H / capacity_buckets), j = 1..buckets (G
+     for groups; the extra units are real units with mask 0: they run and add nothing);
   3. per block a token capacity: ceil(token_capacity * N), or, calibrated (`calibrate_token_counts`), the
      most tokens the router wanted at that step and block on a calibration batch, rounded up to a multiple
      of ceil(N / token_buckets) and at most ceil(token_capacity * N);
@@ -22,8 +25,9 @@ its capacities alone; and one gather of a block's slices per (heads, groups) cap
 its units' indices and masks are inputs). A call is a segment cut where some block's units change (their
 count within a segment does not); only the blocks whose units changed are gathered again. Evaluation k
 gets the k-th of `split(key, S)` (for the Gaussian schedule: the noise of `GaussianDiffusion.p_sample_loop`
-and of the masked `routed_sample_loop`), whatever the segmentation. Step loops compiled <= distinct signatures <= segments <=
-max_programs per batch shape and guidance setting; block gathers <= capacity_buckets² in all.
+and of the masked `routed_sample_loop`), whatever the segmentation. Step loops compiled <= distinct
+signatures <= segments <= max_programs per batch shape and guidance setting; block gathers <=
+capacity_buckets² in all.
 """
 import dataclasses
 import math
@@ -36,6 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from dyngen import diffusion as diffusion_lib
+from dyngen.models import dydig
+from dyngen.models import dydig_fast
 from dyngen.models import dydit
 from dyngen.models import dydit_fast
 from dyngen.models import flops
@@ -59,8 +65,8 @@ def check_positive_int(name, value):
 class RoutingOptions:
   """The fast path's knobs (config.sample fields of the same names).
 
-  width_cap: at most ceil(width_cap * H) heads and as many MLP groups per block and step (the top by router
-    logit); token_capacity: at most ceil(token_capacity * N) tokens per block through the MLP (the top by
+  width_cap: at most ceil(width_cap * H) heads and ceil(width_cap * G) MLP groups per block and step (the
+    top by router logit); token_capacity: at most ceil(token_capacity * N) tokens per block through the MLP (the top by
     token-router logit); calibrate_tokens: the capacity per step and block from the router's wanted counts on
     a calibration batch (at most the above), else exactly ceil(token_capacity * N); capacity_buckets: head /
     group counts are rounded up to ceil(j * H / capacity_buckets); token_buckets: calibrated token counts to
@@ -101,7 +107,7 @@ def round_up(counts, capacities):
 
 
 def width_logits(model: dydit.Model, params, t):
-  """Head and MLP-group router logits (S, L, H) for timesteps t (S,), unit 0 as +inf (always on).
+  """Head and MLP-group router logits (S, L, H), (S, L, G) for timesteps t (S,), unit 0 as +inf (always on).
 
   The routers' own computation (as `dydit.width_masks`), logits kept for ranking under a width cap.
   """
@@ -139,10 +145,10 @@ class Segment:
 
 @dataclasses.dataclass
 class SamplingPlan:
-  """What every step of a schedule runs. S steps in run order, L blocks, H heads (= MLP groups), N tokens.
+  """What every step of a schedule runs. S steps in run order, L blocks, H heads, G MLP groups, N tokens.
 
-  timesteps (S,): the model's t per step; head_active, group_active (S, L, H) bool (after the width cap);
-  head_logits, group_logits (S, L, H) (unit 0 +inf); capacities (S, L, 3) int: the (heads, groups, tokens)
+  timesteps (S,): the model's t per step; head_active (S, L, H), group_active (S, L, G) bool (after the
+  width cap); head_logits, group_logits of the same shapes (unit 0 +inf); capacities (S, L, 3) int: the (heads, groups, tokens)
   each step runs at (after merging); segments: runs of steps of one signature (<= max_programs); calls: the
   segments cut where a block's gathered units change (one program call each, its slices gathered once).
   """
@@ -198,11 +204,9 @@ class SamplingPlan:
   def executed_flops_ratio(self):
     """(S,) the FLOPs ratio of what each step computes: every gathered unit (padding included) and every
     selected token (those the router did not want included) counted as computed."""
-    heads = self.head_active.shape[-1]
-    a, m = self.unit_macs.attention, self.unit_macs.mlp
-    cap = self.capacities.astype(np.float64)
-    per_block = cap[..., 0] / heads * a + cap[..., 1] / heads * cap[..., 2] / self.num_tokens * m
-    return per_block.mean(axis=-1) / (a + m)
+    units = (self.head_active.shape[-1], self.group_active.shape[-1])
+    total = _segment_cost(self.capacities, units, self.num_tokens, self.unit_macs)  # (S,) summed over blocks
+    return total / self.capacities.shape[1] / (self.unit_macs.attention + self.unit_macs.mlp)
 
   def summary(self) -> dict:
     return dict(segments=len(self.segments), programs=len(self.signatures), calls=len(self.calls),
@@ -217,17 +221,18 @@ def _signature(capacities_of_step):
   return tuple(tuple(int(c) for c in block) for block in capacities_of_step)
 
 
-def _segment_cost(capacities, heads, tokens, unit_macs):
-  """Executed MACs per row of steps at capacities (..., L, 3), summed over the blocks."""
+def _segment_cost(capacities, units, tokens, unit_macs):
+  """Executed MACs per row of steps at capacities (..., L, 3), summed over the blocks; units: (H, G)."""
+  heads, groups = units
   cap = capacities.astype(np.float64)
   return np.sum(cap[..., 0] / heads * unit_macs.attention
-                + cap[..., 1] / heads * cap[..., 2] / tokens * unit_macs.mlp, axis=-1)
+                + cap[..., 1] / groups * cap[..., 2] / tokens * unit_macs.mlp, axis=-1)
 
 
-def merge_segments(runs, capacities, max_segments, heads, tokens, unit_macs):
+def merge_segments(runs, capacities, max_segments, units, tokens, unit_macs):
   """Partition the runs [(start, stop)] of equal per-step capacities (S, L, 3) into <= max_segments
   contiguous groups of least executed MACs; each group runs at the elementwise max of its steps'.
-  Returns [(start, stop, group capacities (L, 3))]."""
+  units: (H, G), the heads and MLP groups per block. Returns [(start, stop, group capacities (L, 3))]."""
   n = len(runs)
   run_caps = np.stack([capacities[start] for start, _ in runs])
   lengths = np.array([stop - start for start, stop in runs])
@@ -237,7 +242,7 @@ def merge_segments(runs, capacities, max_segments, heads, tokens, unit_macs):
   cost = np.full((n, n), np.inf)
   for i in range(n):
     running = np.maximum.accumulate(run_caps[i:], axis=0)
-    cost[i, i:] = _segment_cost(running, heads, tokens, unit_macs) * np.cumsum(lengths[i:])
+    cost[i, i:] = _segment_cost(running, units, tokens, unit_macs) * np.cumsum(lengths[i:])
   best = np.full((max_segments + 1, n + 1), np.inf)
   best[0, 0] = 0.0
   choice = np.zeros((max_segments + 1, n + 1), int)
@@ -263,17 +268,16 @@ def make_plan(model: dydit.Model, params, model_timesteps, options: RoutingOptio
   order (`SamplingSchedule.model_timesteps`; any floats); token_counts: (S, L) in run order, the calibrated
   wanted tokens per evaluation and block (`calibrate_token_counts`), used when options.calibrate_tokens
   (required then)."""
-  heads, tokens = model.num_heads, model.num_tokens
+  heads, groups = width_units(model)
+  tokens = model.num_tokens
   timesteps = np.asarray(model_timesteps)
   if timesteps.ndim != 1 or not timesteps.size or not np.all(np.isfinite(timesteps)):
     raise ValueError(f"model_timesteps must be a non-empty 1-D array of finite values (one per model evaluation), "
                      f"got shape {timesteps.shape}")
   head_logits, group_logits = (np.asarray(jax.device_get(logits), np.float64)
                                for logits in width_logits(model, params, timesteps))
-  width_count = math.ceil(options.width_cap * heads - 1e-9)
-  head_active = _capped_active(head_logits, model, width_count)
-  group_active = _capped_active(group_logits, model, width_count)
-  unit_caps = bucket_capacities(heads, options.capacity_buckets)
+  head_active = _capped_active(head_logits, model, math.ceil(options.width_cap * heads - 1e-9))
+  group_active = _capped_active(group_logits, model, math.ceil(options.width_cap * groups - 1e-9))
   token_limit = math.ceil(options.token_capacity * tokens - 1e-9)
   shape = head_active.shape[:2]
   if options.calibrate_tokens:
@@ -288,7 +292,8 @@ def make_plan(model: dydit.Model, params, model_timesteps, options: RoutingOptio
     token_cap = np.minimum(np.maximum(token_cap, 1), tokens)
   else:
     token_cap = np.full(shape, token_limit)
-  capacities = np.stack([round_up(head_active.sum(-1), unit_caps), round_up(group_active.sum(-1), unit_caps),
+  capacities = np.stack([round_up(head_active.sum(-1), bucket_capacities(heads, options.capacity_buckets)),
+                         round_up(group_active.sum(-1), bucket_capacities(groups, options.capacity_buckets)),
                          token_cap], axis=-1).astype(np.int64)
   # Runs of equal signature, then merged down to the program budget.
   runs, start = [], 0
@@ -296,8 +301,8 @@ def make_plan(model: dydit.Model, params, model_timesteps, options: RoutingOptio
     if k == len(timesteps) or not np.array_equal(capacities[k], capacities[start]):
       runs.append((start, k))
       start = k
-  unit_macs = flops.dydit_unit_macs(model)
-  merged = merge_segments(runs, capacities, options.max_programs, heads, tokens, unit_macs)
+  unit_macs = model.unit_macs()
+  merged = merge_segments(runs, capacities, options.max_programs, (heads, groups), tokens, unit_macs)
   segments = []
   for start, stop, caps in merged:
     capacities[start:stop] = caps
@@ -409,7 +414,7 @@ STAT_NAMES = ("flops_ratio", "wanted", "kept", "unwanted_run")
 
 
 class FastSampler:
-  """Runs a `SamplingPlan` for a DyDiT. mesh / shardings as `dyngen.train.sample.Sampler` (None: unannotated).
+  """Runs a `SamplingPlan` for a DyDiT or a DyDiG. mesh / shardings as `dyngen.train.sample.Sampler` (None: unannotated).
 
   Two kinds of compiled programs: a step loop per (signature, batch shape, guidance), and a gather of one
   block's weight slices per (heads, groups) capacity pair. A block's slices are gathered again only when its
@@ -420,6 +425,9 @@ class FastSampler:
                batch_sharding=None, replicated=None):
     """schedule: the process's `SamplingSchedule`; sample_config: its guidance_channels (guided runs)."""
     self.model, self.schedule, self.sample_config = model, schedule, sample_config
+    self.family = fast_family(model)
+    if self.family is None:
+      raise ValueError(f"{type(model).__module__}.{type(model).__name__} has no fast path (DyDiT and DyDiG do)")
     self.param_shardings, self.batch_sharding, self.replicated = param_shardings, batch_sharding, replicated
     self._programs = {}
     self.compile_seconds = 0.0
@@ -443,12 +451,12 @@ class FastSampler:
 
   def _gather_fn(self, scanned):
     """(block params, or the stacked blocks with `scanned`; block index; BlockPlan) -> the block's slices."""
-    model = self.model
+    model, family = self.model, self.family
 
     def gather(block_params, index, plan):
       if scanned:  # the stacked blocks: this block's slice, at a traced index (one program for every block)
         block_params = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, index, keepdims=False), block_params)
-      return dydit_fast.gather_block(model, block_params, plan)
+      return family.gather_block(model, block_params, plan)
 
     return gather
 
@@ -457,7 +465,7 @@ class FastSampler:
     return self._compiled(("gather", heads, groups, scanned), self._gather_fn(scanned), args, (r, r, r), r)
 
   def _loop_program(self, signature, guided, args):
-    model, sample_config, schedule = self.model, self.sample_config, self.schedule
+    model, sample_config, schedule, family = self.model, self.sample_config, self.schedule, self.family
 
     def run(params, blocks, state, y, cfg_scale, lo, hi, keys, stats):
       """state: the loop state before evaluation lo; blocks: the gathered slices of the evaluations [lo, hi)."""
@@ -466,7 +474,7 @@ class FastSampler:
         captured = {}
 
         def apply_fn(x, t, y):
-          out, step_stats = dydit_fast.forward_gathered(model, params, blocks, x, t, y, signature)
+          out, step_stats = dydit_fast.forward_gathered(model, params, blocks, x, t, y, signature, family)
           captured.update({name: jnp.mean(value) if name == "flops_ratio" else jnp.sum(value)
                            for name, value in step_stats.items()})
           return out
@@ -543,5 +551,20 @@ def options_for(sample_config):
   return mode, RoutingOptions.from_sample_config(sample_config)
 
 
-def is_dydit(model: nn.Module) -> bool:
-  return isinstance(model, dydit.Model)
+def fast_family(model: nn.Module) -> dydit_fast.Family | None:
+  """The fast path's block family of a routed model (DyDiT's or DyDiG's), None for a model without one."""
+  if isinstance(model, dydig.Model):
+    return dydig_fast.DYDIG
+  if isinstance(model, dydit.Model):
+    return dydit_fast.DYDIT
+  return None
+
+
+def has_fast_path(model: nn.Module) -> bool:
+  return fast_family(model) is not None
+
+
+def width_units(model) -> tuple[int, int]:
+  """(H, G): the routed heads and MLP groups per block (DyDiT cuts its MLP into H groups, DyDiG into
+  `mlp_groups`)."""
+  return model.num_heads, getattr(model, "mlp_groups", model.num_heads)

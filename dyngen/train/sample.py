@@ -85,9 +85,9 @@ class Sampler:
     self._compiled = {}
     # Per sampling call, a routed model's per-step statistics ({"flops_ratio": (S,)}); see `routing_summary`.
     self.routing_stats = []
-    # DyDiT: the fast path (default) or the masked reference, and the fast path's knobs.
+    # DyDiT / DyDiG: the fast path (default) or the masked reference, and the fast path's knobs.
     routing, self.routing_options = routing_plan.options_for(sample_config)
-    self.fast = routing_plan.is_dydit(model) and routing == "fast"
+    self.fast = routing_plan.has_fast_path(model) and routing == "fast"
     self.fast_sampler = None
     if self.fast:
       replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
