@@ -213,7 +213,8 @@ def test_token_capacity_cuts_counted_by_hand(model_and_params):
 
 
 @pytest.mark.parametrize("field,value", [("width_cap", 0.0), ("width_cap", 1.5), ("token_capacity", -0.1),
-                                         ("token_capacity", 2), ("token_capacity", True)])
+                                         ("token_capacity", 2), ("token_capacity", True),
+                                         ("width_cap", float("nan"))])
 def test_caps_outside_the_unit_interval_are_refused(field, value):
   with pytest.raises(ValueError, match=rf"config\.sample\.{field}={value!r} must be in \(0, 1\]"):
     routing_plan.options_for(ml_collections.ConfigDict({field: value}))
@@ -322,3 +323,26 @@ def test_a_flow_schedule_plugs_in(model_and_params):
     x = x + dt * 0.5 * (k1 + k2)
   assert_samples_close(fast, x)
   assert stats["flops_ratio"].shape == (8,) and np.all(stats["wanted"] == stats["kept"])
+
+
+@DDIM
+def test_calibration_over_several_batches_takes_the_most_wanted(model_and_params, fast_and_masked):
+  """calibration_batches=3: the capacities come from the elementwise max of three masked runs (this batch,
+  then its labels with the starts of fold_in(key, 1) and fold_in(key, 2)), each recomputed here."""
+  model, params = model_and_params
+  sampler = make_sampler(model, "fast", "ddim", calibration_batches=3)
+  labels = jnp.asarray(LABELS)
+  counts = sampler._calibrate(params, labels, KEY, 1.0)  # pylint: disable=protected-access
+  single = fast_and_masked["fast"]
+  expected = []
+  for key in (KEY, jax.random.fold_in(KEY, 1), jax.random.fold_in(KEY, 2)):
+    x_T, y, loop_key = single._start_fn(False)(labels, key)  # pylint: disable=protected-access
+    expected.append(routing_plan.calibrate_token_counts(single.schedule, model, params, x_T, y, 1.0, loop_key,
+                                                        single.sample_config))
+  np.testing.assert_array_equal(counts, np.max(expected, axis=0))
+  assert np.any(counts > expected[0])  # the other draws wanted more somewhere: a test that can fail
+
+
+def test_bad_calibration_batches_are_refused():
+  with pytest.raises(ValueError, match=r"config\.sample\.calibration_batches=0 must be a positive int"):
+    routing_plan.options_for(ml_collections.ConfigDict(dict(calibration_batches=0)))

@@ -122,6 +122,7 @@ def training_config() -> ml_collections.ConfigDict:
       width_cap=1.0,  # Fast path: at most this fraction of heads and of MLP groups per block and step, in (0, 1].
       token_capacity=1.0,  # Fast path: at most this fraction of tokens per block through the MLP, in (0, 1].
       calibrate_tokens=True,  # Fast path: token capacities from the router on the first batch (else the cap).
+      calibration_batches=1,  # Fast path: calibrate on this many batches (the first, then fresh noise for it).
       capacity_buckets=4,  # Fast path: head / group counts rounded up to multiples of H / capacity_buckets.
       max_programs=8,  # Fast path: at most this many compiled programs (segments) per batch shape.
   ))

@@ -62,6 +62,7 @@ TRAINER_FIELDS = {
     "sample.width_cap": _FLOAT,
     "sample.token_capacity": _FLOAT,
     "sample.calibrate_tokens": _BOOL,
+    "sample.calibration_batches": _INT,
     "sample.capacity_buckets": _INT,
     "sample.max_programs": _INT,
     "evaluation.metric": _STR,

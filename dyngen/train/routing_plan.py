@@ -66,16 +66,18 @@ class RoutingOptions:
   """The fast path's knobs (config.sample fields of the same names).
 
   width_cap: at most ceil(width_cap * H) heads and ceil(width_cap * G) MLP groups per block and step (the
-    top by router logit); token_capacity: at most ceil(token_capacity * N) tokens per block through the MLP (the top by
-    token-router logit); calibrate_tokens: the capacity per step and block from the router's wanted counts on
-    a calibration batch (at most the above), else exactly ceil(token_capacity * N); capacity_buckets: head /
-    group counts are rounded up to ceil(j * H / capacity_buckets); token_buckets: calibrated token counts to
-    multiples of ceil(N / token_buckets); max_programs: the most segments (hence compiled programs) per
-    batch shape and guidance setting.
+    top by router logit); token_capacity: at most ceil(token_capacity * N) tokens per block through the MLP
+    (the top by token-router logit); calibrate_tokens: the capacity per step and block from the router's
+    wanted counts on calibration batches (at most the above), else exactly ceil(token_capacity * N);
+    calibration_batches: how many (the first batch, then fresh noise draws for its labels; the most tokens
+    any of them wanted); capacity_buckets: head / group counts are rounded up to ceil(j * H /
+    capacity_buckets); token_buckets: calibrated token counts to multiples of ceil(N / token_buckets);
+    max_programs: the most segments (hence compiled programs) per batch shape and guidance setting.
   """
   width_cap: float = 1.0
   token_capacity: float = 1.0
   calibrate_tokens: bool = True
+  calibration_batches: int = 1
   capacity_buckets: int = 4
   token_buckets: int = 16
   max_programs: int = 8
@@ -83,7 +85,7 @@ class RoutingOptions:
   def __post_init__(self):
     check_fraction("width_cap", self.width_cap)
     check_fraction("token_capacity", self.token_capacity)
-    for name in ("capacity_buckets", "token_buckets", "max_programs"):
+    for name in ("calibration_batches", "capacity_buckets", "token_buckets", "max_programs"):
       check_positive_int(name, getattr(self, name))
 
   @classmethod

@@ -183,6 +183,19 @@ class Sampler:
     return routing_plan.make_plan(self.model, params, self.schedule.model_timesteps, self.routing_options,
                                   token_counts=token_counts)
 
+  def _calibrate(self, params, global_labels, key, cfg_scale):
+    """(E, L): the most tokens any row wanted per model evaluation and block, over `calibration_batches`
+    masked runs: this batch, then its labels with the noise and loop keys of fold_in(key, j), j = 1, 2, ..."""
+    guided = cfg_scale != 1.0
+    counts = None
+    for j in range(self.routing_options.calibration_batches):
+      x_T, y, loop_key = self._start_fn(guided)(global_labels, key if j == 0 else jax.random.fold_in(key, j))
+      batch_counts = routing_plan.calibrate_token_counts(self.schedule, self.model, params, x_T, y, cfg_scale,
+                                                         loop_key, self.sample_config,
+                                                         cache=self.fast_sampler.calibration_cache)
+      counts = batch_counts if counts is None else np.maximum(counts, batch_counts)
+    return counts
+
   def _sample_batch_fast(self, params, global_labels, key, cfg_scale):
     guided = cfg_scale != 1.0
     x_T, y, loop_key = self._start_fn(guided)(global_labels, key)
@@ -191,9 +204,7 @@ class Sampler:
       token_counts = (self._token_counts or {}).get(guided)
       if token_counts is None:
         start = time.perf_counter()
-        token_counts = routing_plan.calibrate_token_counts(self.schedule, self.model, params, x_T, y, cfg_scale,
-                                                           loop_key, self.sample_config,
-                                                           cache=self.fast_sampler.calibration_cache)
+        token_counts = self._calibrate(params, global_labels, key, cfg_scale)
         self.calibration_seconds += time.perf_counter() - start
         if self._token_counts is not None:
           self._token_counts[guided] = token_counts
