@@ -39,6 +39,8 @@ setuptools.setup(
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "test": ["pytest>=9.2,<10", "pytest-xdist>=3.8,<4"],
+        # nbclient, nbformat and ipykernel execute launch/colab.ipynb headless (tests/test_colab_notebook.py).
+        "test": ["pytest>=9.2,<10", "pytest-xdist>=3.8,<4", "nbclient>=0.11,<0.12", "nbformat>=5.11,<5.12",
+                 "ipykernel>=7.4,<8"],
     },
 )
