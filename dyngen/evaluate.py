@@ -27,6 +27,7 @@ from absl import flags
 import numpy as np
 
 from dyngen import cli_errors
+from dyngen import progress as progress_lib
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("samples", None, "npz of samples: arr_0 uint8 (N, H, W, 3).")
@@ -183,9 +184,12 @@ def _folder_images(folder, image_size):
   labels = None if classes == ["."] else np.array([classes.index(os.path.relpath(os.path.dirname(p), folder))
                                                    for p in paths], np.int64)
   images = np.empty((len(paths), image_size, image_size, 3), np.uint8)
+  meter = progress_lib.Meter(f"Reading {folder}", total=len(paths), unit="images",
+                             min_seconds=FLAGS.progress_every_s)
   for i, path in enumerate(paths):
     with Image.open(path) as image:
       images[i] = transforms.center_crop_adm(image.convert("RGB"), image_size)
+    meter.update(i + 1)
   return images, labels
 
 

@@ -38,13 +38,21 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 class _HideLibraryInfo(std_logging.Filter):
-  """Drops INFO lines of Orbax (dozens per checkpoint) and of JAX's backend probing ("Unable to initialize
-  backend 'tpu'" on every machine without one) so that the progress lines stay readable."""
+  """Drops INFO lines of Orbax (dozens per checkpoint), of JAX's backend probing ("Unable to initialize
+  backend 'tpu'" on every machine without one), of clu's platform ("Setting work unit notes: ...", which
+  repeats the trainer's own progress line) and tfds' "Load dataset info from ..." so that the progress lines
+  stay readable. Warnings pass, except Orbax's two about a manager opened read-only, which dyngen does on
+  purpose to read a checkpoint's step list or config; errors always pass."""
 
   def filter(self, record):
-    if record.levelno >= std_logging.WARNING:
+    if record.levelno >= std_logging.ERROR:
       return True
-    return "/orbax/" not in record.pathname and not record.pathname.endswith("xla_bridge.py")
+    path = record.pathname
+    if record.levelno >= std_logging.WARNING:
+      return not (path.endswith("orbax/checkpoint/checkpoint_manager.py") and "read only" in
+                  record.getMessage().replace("read_only", "read only"))
+    return not ("/orbax/" in path or path.endswith("xla_bridge.py") or "/clu/platform/" in path
+                or ("/tensorflow_datasets/" in path and path.endswith("dataset_info.py")))
 
 
 def main(argv):

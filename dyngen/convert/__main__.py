@@ -14,7 +14,9 @@ checkpoint, with the whole config, so that `dyngen.checkpoint.load_for_inference
 A file that cannot be read, is unsafe or does not fit the model prints one `error: <message>` line and exits with
 status 2 (see dyngen/cli_errors.py).
 """
+import os
 import pickle
+import time
 
 from absl import app
 from absl import flags
@@ -24,6 +26,7 @@ from ml_collections import config_flags
 
 from dyngen import checkpoint
 from dyngen import cli_errors
+from dyngen import progress
 from dyngen.convert import load
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -41,15 +44,21 @@ def main(argv):
   config = _CONFIG.value
   if "model" not in config:
     raise app.UsageError("the config has no `model` field describing the checkpoint's architecture.")
+  # Reading an XL checkpoint takes a while (2.7 GB): each phase says what it does and how long it took.
+  start = time.perf_counter()
+  size = f" ({os.path.getsize(_TORCH_CHECKPOINT.value) / 1e6:.4g} MB)" if os.path.isfile(_TORCH_CHECKPOINT.value) else ""
+  logging.info("Reading %s%s for %s.", _TORCH_CHECKPOINT.value, size, load.describe(config.model))
   try:
     params = load.load_torch_params(_TORCH_CHECKPOINT.value, config.model)
   except (OSError, ValueError, pickle.UnpicklingError) as error:  # unreadable, unsafe or not fitting the model
     message = cli_errors.error_message(error)
     raise cli_errors.UserError(f"cannot convert {_TORCH_CHECKPOINT.value}: {message}") from error
   count = sum(p.size for p in jax.tree.leaves(params))
+  logging.info("Read and mapped %s parameters in %s; writing the Orbax checkpoint to %s.", f"{count:,}",
+               progress.format_seconds(time.perf_counter() - start), _OUTPUT.value)
   path = checkpoint.save_inference_checkpoint(_OUTPUT.value, config, params, step=_STEP.value)
-  logging.info("Converted %s (%d parameters, %s) to %s", _TORCH_CHECKPOINT.value, count,
-               load.describe(config.model), path)
+  logging.info("Converted %s (%d parameters) to %s in %s.", _TORCH_CHECKPOINT.value, count, path,
+               progress.format_seconds(time.perf_counter() - start))
   print(f"wrote {path} ({count:,} parameters)")
 
 

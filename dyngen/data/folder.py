@@ -16,6 +16,8 @@ import re
 from PIL import Image
 import tensorflow_datasets as tfds
 
+from dyngen import progress
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")
 
 
@@ -100,6 +102,10 @@ class DyngenFolder(tfds.core.GeneratorBasedBuilder):
     classes = list_class_images(root)
     if tuple(classes) != self.builder_config.class_names:
       raise RuntimeError(f"The classes of {root} changed while building; build again.")
+    # Built once, on first use; an ImageNet-sized folder takes a while: a line every 30 s.
+    meter = progress.Meter(f"Building the dataset of {root}", total=sum(map(len, classes.values())),
+                           unit="images", min_seconds=30.0)
+    done = 0
     for label, (class_name, images) in enumerate(classes.items()):
       for relative_path in images:
         path = os.path.join(root, relative_path)
@@ -111,3 +117,5 @@ class DyngenFolder(tfds.core.GeneratorBasedBuilder):
         with open(path, "rb") as f:
           encoded = f.read()
         yield relative_path, {"image": encoded, "label": label, "file_name": relative_path}
+        done += 1
+        meter.update(done)

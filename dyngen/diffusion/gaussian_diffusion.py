@@ -404,8 +404,8 @@ class GaussianDiffusion:
       sample = sample + nonzero_mask * sigma * noise
     return sample, out["pred_xstart"]
 
-  def _sample_loop(self, step, x_T, key, step_noise, needs_noise, return_trajectory):
-    """Runs `step(x, index, noise)` for index S-1 .. 0 as one lax.scan."""
+  def _sample_loop(self, step, x_T, key, step_noise, needs_noise, return_trajectory, progress=None):
+    """Runs `step(x, index, noise)` for index S-1 .. 0 as one lax.scan (`progress.tick` after each step)."""
     num_steps = self.num_timesteps
     indices = jnp.arange(num_steps - 1, -1, -1, dtype=jnp.int32)
     if step_noise is not None:
@@ -430,13 +430,15 @@ class GaussianDiffusion:
         noise = jax.random.normal(source, x.shape, x.dtype)
       sample, pred_xstart = step(x, index, noise)
       sample = sample.astype(x.dtype)
+      if progress is not None:
+        progress.tick(num_steps - index, num_steps)
       return sample, (Trajectory(sample, pred_xstart.astype(x.dtype)) if return_trajectory else None)
 
     final, trajectory = jax.lax.scan(body, x_T, (indices, noise_source))
     return (final, trajectory) if return_trajectory else final
 
   def p_sample_loop(self, model_fn: ModelFn, x_T, key=None, step_noise=None, clip_denoised=False,
-                    return_trajectory=False):
+                    return_trajectory=False, progress=None):
     """Ancestral (DDPM) sampling over all steps of this process, as one lax.scan (jit the caller).
 
     Args:
@@ -447,15 +449,17 @@ class GaussianDiffusion:
         precedence over `key`. The last step (index 0) adds no noise, so step_noise[-1] is unused.
       clip_denoised: clamp each x_0 estimate to [-1, 1] (DiT's sample.py leaves it off for latents).
       return_trajectory: also return a `Trajectory` of per-step samples and x_0 estimates.
+      progress: a `dyngen.progress.LoopProgress`: host-side step reports from inside the loop (the loop stays
+        one program and its samples are unchanged); None: silent.
 
     Returns: x_0 (B, H, W, C), or (x_0, Trajectory) with return_trajectory.
     """
     _check_bool("clip_denoised", clip_denoised)
     step = lambda x, index, noise: self.p_sample(model_fn, x, index, noise, clip_denoised)
-    return self._sample_loop(step, x_T, key, step_noise, True, return_trajectory)
+    return self._sample_loop(step, x_T, key, step_noise, True, return_trajectory, progress)
 
   def ddim_sample_loop(self, model_fn: ModelFn, x_T, key=None, step_noise=None, clip_denoised=False, eta=0.0,
-                       return_trajectory=False):
+                       return_trajectory=False, progress=None):
     """DDIM sampling over all steps of this process, as one lax.scan (jit the caller).
 
     Same arguments as `p_sample_loop`, plus eta (a Python number, or an array if noise is given). With eta == 0
@@ -467,7 +471,7 @@ class GaussianDiffusion:
     if deterministic:
       key = step_noise = None
     step = lambda x, index, noise: self.ddim_sample(model_fn, x, index, noise, clip_denoised, eta)
-    return self._sample_loop(step, x_T, key, step_noise, not deterministic, return_trajectory)
+    return self._sample_loop(step, x_T, key, step_noise, not deterministic, return_trajectory, progress)
 
 
 def create_diffusion(timestep_respacing: str | Sequence[int] | None = "", noise_schedule: str = "linear",

@@ -93,7 +93,13 @@ def training_config() -> ml_collections.ConfigDict:
       # DyDiT's recipe skips instead of clipping (its --clip_max_norm).
       skip_update_grad_norm=0.0,
   ))
-  config.ema = ml_collections.ConfigDict(dict(decay=0.9999))
+  config.ema = ml_collections.ConfigDict(dict(
+      decay=0.9999,
+      # Warm-up: the decay at update s (from 0) is min(decay, (1 + s) / (warmup + s)), so the EMA of a fresh run
+      # forgets its random start at once and averages over roughly the last s / warmup updates; 0 = the constant
+      # decay of the papers (DiT's EMA holds 0.9999^s of the initialisation at step s).
+      warmup=0.0,
+  ))
 
   # Arguments of dyngen.diffusion.create_diffusion for training (learn_sigma follows config.model).
   config.diffusion = ml_collections.ConfigDict(dict(

@@ -38,6 +38,7 @@ TRAINER_FIELDS = {
     "optimizer.grad_clip_norm": _FLOAT,
     "optimizer.skip_update_grad_norm": _FLOAT,
     "ema.decay": _FLOAT,
+    "ema.warmup": _FLOAT,
     "diffusion.noise_schedule": _STR,
     "diffusion.diffusion_steps": _INT,
     "diffusion.predict_xstart": _BOOL,
@@ -177,6 +178,9 @@ def check_values(config) -> None:
     value = config.optimizer[beta]
     _require(0 <= value < 1, f"config.optimizer.{beta} must be in [0, 1), got {value}.")
   _require(0 <= config.ema.decay <= 1, f"config.ema.decay must be in [0, 1], got {config.ema.decay}.")
+  _require(config.ema.warmup == 0 or config.ema.warmup > 1,
+           f"config.ema.warmup must be 0 (no warm-up) or > 1 (the decay min(decay, (1 + s) / (warmup + s)) "
+           f"grows towards 1), got {config.ema.warmup}.")
   _require(config.sample.sampler in SAMPLERS,
            f"config.sample.sampler must be one of {SAMPLERS}, got {config.sample.sampler!r}.")
   _require(config.sample.num_steps <= config.diffusion.diffusion_steps,

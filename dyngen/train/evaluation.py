@@ -10,6 +10,7 @@ registry of dyngen.evaluation.evaluators (built once per run, called on each new
 """
 import numpy as np
 
+from dyngen import progress
 from dyngen.evaluation import evaluators
 
 METRICS = ("", "digits", "adm_fid")
@@ -23,8 +24,24 @@ def build_evaluator(config):
   if metric == "digits":
     return evaluators.build("digits", data_config=config.data)
   if metric == "adm_fid":
-    return evaluators.build("adm_fid", reference=config.evaluation.reference, inception=config.evaluation.inception)
+    return evaluators.build("adm_fid", reference=config.evaluation.reference, inception=config.evaluation.inception,
+                            progress=inception_progress())
   raise ValueError(f"config.evaluation.metric={metric!r} has no evaluator; use one of {METRICS}.")
+
+
+def inception_progress():
+  """progress(done, total) for the evaluator's Inception runs (the reference once, then each evaluation's
+  samples; 50K images take hours on a CPU): a line at most every 30 s with images/s and ETA, per run."""
+  state = {}
+
+  def report(done, total):
+    if "meter" not in state or done <= state["done"]:  # A new run: its rate counts from its first batch's end.
+      state["meter"] = progress.Meter("Inception features", total=total, unit="images", min_seconds=30.0)
+      state["meter"].start(done)
+    state["done"] = done
+    state["meter"].update(done)
+
+  return report
 
 
 def evaluate_samples(evaluator, images: np.ndarray, labels: np.ndarray) -> dict[str, float]:

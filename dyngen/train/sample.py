@@ -32,6 +32,7 @@ from PIL import Image
 
 from dyngen import diffusion as diffusion_lib
 from dyngen import models
+from dyngen import progress
 from dyngen import sharding
 from dyngen.train import routing_plan
 
@@ -83,6 +84,8 @@ class Sampler:
     self.batch_sharding = sharding.batch_sharding(mesh, self.rules)
     self.param_shardings = param_shardings
     self._compiled = {}
+    # Step reports from inside the compiled loop of a long batch (at most every 10 s; short batches are quiet).
+    self.loop_progress = progress.LoopProgress("Sampling batch")
     # Per sampling call, a routed model's per-step statistics ({"flops_ratio": (S,)}); see `routing_summary`.
     self.routing_stats = []
     # DyDiT / DyDiG: the fast path (default) or the masked reference, and the fast path's knobs.
@@ -133,6 +136,7 @@ class Sampler:
     config = self.sample_config
     model, diffusion = self.model, self.diffusion
     channels = config.guidance_channels or None
+    loop_progress = self.loop_progress
 
     def sample(params, labels, key, cfg_scale):
       """labels: (B,) int32 -> (images (B, H, W, C) float32, per-step stats {name: (S,)})."""
@@ -145,14 +149,16 @@ class Sampler:
         return lambda x, t: apply_fn(x, t, y)
 
       if model.returns_aux:
-        out, stats = routed_sample_loop(diffusion, model, params, model_fn_of, x_T, loop_key, config)
+        out, stats = routed_sample_loop(diffusion, model, params, model_fn_of, x_T, loop_key, config,
+                                        loop_progress=loop_progress)
       else:
         model_fn = model_fn_of(models.prediction_fn(model, params))
         if config.sampler == "ddim":
           out = diffusion.ddim_sample_loop(model_fn, x_T, key=loop_key, clip_denoised=config.clip_denoised,
-                                           eta=config.eta)
+                                           eta=config.eta, progress=loop_progress)
         else:
-          out = diffusion.p_sample_loop(model_fn, x_T, key=loop_key, clip_denoised=config.clip_denoised)
+          out = diffusion.p_sample_loop(model_fn, x_T, key=loop_key, clip_denoised=config.clip_denoised,
+                                        progress=loop_progress)
         stats = {}
       return out[:labels.shape[0]], stats
 
@@ -248,6 +254,11 @@ class Sampler:
     base_key = jax.random.PRNGKey(seed)
     chunks = []
     self._token_counts = {}
+    num_chunks = -(-len(labels) // batch_size)
+    meter = progress.Meter("Sampling", total=len(labels), unit="images", log_last=num_chunks > 1)
+    if num_chunks > 1:
+      logging.info("Sampling %d images in %d batches of %d (%d %s steps each).", len(labels), num_chunks,
+                   batch_size, self.diffusion.num_timesteps, self.sample_config.sampler.upper())
     try:
       for index, start in enumerate(range(0, len(labels), batch_size)):
         chunk = labels[start:start + batch_size]
@@ -255,6 +266,7 @@ class Sampler:
         key = jax.random.fold_in(base_key, first_chunk + index)
         images = self.sample_batch(params, padded, key, cfg_scale)[:len(chunk)]
         chunks.append(to_uint8(self.decode(images) if self.decode is not None else images))
+        meter.update(start + len(chunk))
         if on_chunk is not None:
           on_chunk(start + len(chunk), len(labels))
     finally:
@@ -270,12 +282,13 @@ class Sampler:
     return np.concatenate(chunks, axis=0)
 
 
-def routed_sample_loop(diffusion, model, params, model_fn_of, x_T, key, sample_config):
+def routed_sample_loop(diffusion, model, params, model_fn_of, x_T, key, sample_config, loop_progress=None):
   """The diffusion's DDPM / DDIM loop for a model that returns (out, aux), as one lax.scan, with aux kept.
 
   The same steps, noise and keys as `GaussianDiffusion.p_sample_loop` / `ddim_sample_loop` (step k of S
   draws from the k-th of `split(key, S)`), so the samples equal theirs; each step also records the batch's
-  mean FLOPs ratio of the rows it ran (conditional and null rows: both cost compute).
+  mean FLOPs ratio of the rows it ran (conditional and null rows: both cost compute). `loop_progress`
+  (a `dyngen.progress.LoopProgress`) reports steps to the host from inside the loop.
 
   Returns: (x_0 (B, H, W, C), {"flops_ratio": (S,)}).
   """
@@ -299,6 +312,8 @@ def routed_sample_loop(diffusion, model, params, model_fn_of, x_T, key, sample_c
       sample, _ = diffusion.ddim_sample(model_fn, x, index, noise, sample_config.clip_denoised, eta)
     else:
       sample, _ = diffusion.p_sample(model_fn, x, index, noise, sample_config.clip_denoised)
+    if loop_progress is not None:
+      loop_progress.tick(num_steps - index, num_steps)
     return sample.astype(x.dtype), {"flops_ratio": captured["flops_ratio"]}
 
   return jax.lax.scan(body, x_T, (indices, jax.random.split(key, num_steps)))

@@ -33,6 +33,7 @@ from dyngen import checkpoint
 from dyngen import data as data_lib
 from dyngen import diffusion as diffusion_lib
 from dyngen import models
+from dyngen import progress as progress_lib
 from dyngen import sharding
 from dyngen.train import config_checks
 from dyngen.train import evaluation
@@ -114,7 +115,7 @@ class Run:
     objective = objectives.create_objective(self.config, self.model, training_diffusion(self.config))
     step_fn = functools.partial(step_lib.train_step, objective=objective,
                                 optimizer=self.optimizer, learning_rate_fn=self.learning_rate_fn,
-                                ema_decay=self.config.ema.decay)
+                                ema_decay=self.config.ema.decay, ema_warmup=self.config.ema.warmup)
     return jax.jit(step_fn, in_shardings=(self.state_shardings, self.batch_sharding),
                    out_shardings=(self.state_shardings, None), donate_argnums=0)
 
@@ -261,17 +262,56 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir):
   run = Run(config)
   workdir.mkdir(parents=True, exist_ok=True)
   is_chief = jax.process_index() == 0
-  writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief, asynchronous=True)
+  # Metrics go to TensorBoard only (the chief's); the console gets the progress line and the final report.
+  writer = metric_writers.AsyncMultiWriter([metric_writers.SummaryWriter(str(workdir))] if is_chief else [])
   train_iter = data_lib.create_input_pipeline(config.data, global_batch_size=config.batch_size, seed=config.seed)
   manager = checkpoint.create_manager(workdir / checkpoint.CHECKPOINT_SUBDIR, max_to_keep=config.keep_checkpoints)
   try:
-    return _train_loop(run, workdir, writer, train_iter, manager)
+    state = _train_loop(run, workdir, writer, train_iter, manager)
   finally:
     # An async save of the last good step may still be running: let it finish before leaving.
     manager.wait_until_finished()
     manager.close()
     writer.flush()
     writer.close()
+  logging.info("%s", final_report(workdir))
+  return state
+
+
+CONFIG_FILE = "config.json"
+PARAMETERS_FILE = "parameters.txt"
+
+
+def final_report(workdir) -> str:
+  """The run's last evaluation figures and the files it wrote, as a short table for the console."""
+  workdir = epath.Path(workdir)
+  samples = workdir / SAMPLES_SUBDIR
+  step_of = lambda path: int(path.stem.rsplit("_", 1)[-1])
+  lines = [f"Run finished in {workdir}."]
+  evaluations = sorted(samples.glob("eval_step_*.json"), key=step_of)
+  if evaluations:
+    results = json.loads(evaluations[-1].read_text())
+    lines.append(f"Evaluation at step {step_of(evaluations[-1])}:")
+    lines += [f"  {name:34s} {value:.4g}" for name, value in sorted(results.items())]
+  files = []
+  last_step = checkpoint.latest_step(workdir / checkpoint.CHECKPOINT_SUBDIR)
+  if last_step is not None:
+    files.append((f"{checkpoint.CHECKPOINT_SUBDIR}/{last_step}/", "the last checkpoint (the same command resumes)"))
+  files += [(CONFIG_FILE, "the config of this run"), (PARAMETERS_FILE, "every parameter's shape and size")]
+  grids = sorted(samples.glob("grid_step_*.png"), key=step_of)
+  if grids:
+    files.append((f"{SAMPLES_SUBDIR}/{grids[-1].name}", f"the last sample grid ({len(grids)} in {SAMPLES_SUBDIR}/)"))
+  if evaluations:
+    stem = evaluations[-1].stem
+    files += [(f"{SAMPLES_SUBDIR}/{stem}.json", "the figures above"),
+              (f"{SAMPLES_SUBDIR}/{stem}.npz", "the evaluated samples (arr_0 uint8 NHWC images, arr_1 labels)"),
+              (f"{SAMPLES_SUBDIR}/{stem}.png", "the first 100 of them")]
+  files = [(name, what) for name, what in files if (workdir / name).exists()]
+  width = max([len(name) for name, _ in files], default=0)
+  lines.append("Files:")
+  lines += [f"  {name:{width}s}  {what}" for name, what in files]
+  lines.append(f"  TensorBoard: tensorboard --logdir={workdir}")
+  return "\n".join(lines)
 
 
 def _last_evaluation(workdir) -> dict:
@@ -306,8 +346,14 @@ def _train_loop(run: Run, workdir, writer, train_iter, manager):
     state, start_step = restored
     logging.info("Resumed from step %d of %s.", start_step, manager.directory)
   last_saved_step = start_step if restored is not None else None
-  parameter_overview.log_parameter_overview(state.params, msg="Model parameters")
-  writer.write_scalars(start_step, {"num_params": parameter_overview.count_parameters(state.params)})
+  num_params = parameter_overview.count_parameters(state.params)
+  if jax.process_index() == 0:
+    # The whole config and the parameter table go to files (and TensorBoard), not to the console.
+    (workdir / CONFIG_FILE).write_text(json.dumps(checkpoint.config_to_json_dict(config), indent=2, sort_keys=True))
+    (workdir / PARAMETERS_FILE).write_text(parameter_overview.get_parameter_overview(state.params) + "\n")
+  logging.info("Model %s: %s parameters (table in %s); config in %s.", config.model.name, f"{num_params:,}",
+               workdir / PARAMETERS_FILE, workdir / CONFIG_FILE)
+  writer.write_scalars(start_step, {"num_params": num_params})
 
   train_step = run.compiled_train_step()
   sampler = run.sampler()
@@ -320,12 +366,22 @@ def _train_loop(run: Run, workdir, writer, train_iter, manager):
 
   pending_metrics = []  # Device metrics of steps since the last host sync, for step `pending_from` on.
   pending_from = start_step + 1
+  meter = progress_lib.StepMeter(config.num_train_steps, config.batch_size)
+  if start_step < config.num_train_steps:
+    logging.info("Training steps %d to %d, batch %d; compiling the train step.", start_step + 1,
+                 config.num_train_steps, config.batch_size)
   with run.context():
     for step in range(start_step + 1, config.num_train_steps + 1):
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         batch = run.prepare_batch(state.rng, state.step, next(train_iter))
         state, metrics = train_step(state, batch)
       pending_metrics.append(metrics)
+      if step == start_step + 1:
+        # The first step includes the compile; the rate is measured from its end.
+        jax.block_until_ready(metrics)
+        logging.info("Step %d done (compiled) in %s.", step,
+                     progress_lib.format_seconds(time.perf_counter() - meter.last_time))
+        meter.start(step)
       for action in actions:
         action(step)
 
@@ -335,7 +391,10 @@ def _train_loop(run: Run, workdir, writer, train_iter, manager):
       if step % config.log_every_steps == 0 or save_now:
         host_metrics = jax.device_get(pending_metrics)
         check_finite(host_metrics, pending_from, workdir, last_saved_step)
-        writer.write_scalars(step, {f"train/{k}": v for k, v in _mean_metrics(host_metrics).items()})
+        mean_metrics = _mean_metrics(host_metrics)
+        writer.write_scalars(step, {f"train/{k}": v for k, v in mean_metrics.items()})
+        ratio = f", FLOPs ratio {mean_metrics['flops_ratio']:.3f}" if "flops_ratio" in mean_metrics else ""
+        logging.info("%s", meter.line(step, mean_metrics["loss"], ratio))
         pending_metrics, pending_from = [], step + 1
       if save_now:
         with progress.timed("checkpoint"):
@@ -345,7 +404,7 @@ def _train_loop(run: Run, workdir, writer, train_iter, manager):
         logging.warning("Preemption notice at step %d: checkpoint saved, stopping. Rerun to resume.", step)
         break
       if config.sample_every_steps and (step % config.sample_every_steps == 0 or is_last):
-        with progress.timed("sample"):
+        with progress.timed("sample"), meter.paused():
           path = write_sample_grid(run, sampler, state.ema_params, step, writer, workdir)
           if objectives.is_dynamic(config.model):
             widths = write_width_picture(run, sampler, state.ema_params, step, writer, workdir)
@@ -353,7 +412,7 @@ def _train_loop(run: Run, workdir, writer, train_iter, manager):
         logging.info("Step %d: sample grid written to %s.", step, path)
       evaluate_every = config.evaluation.every_steps
       if config.evaluation.metric and (is_last or (evaluate_every and step % evaluate_every == 0)):
-        with progress.timed("evaluation"):
+        with progress.timed("evaluation"), meter.paused():
           run_evaluation(run, sampler, state.ema_params, step, writer, workdir)
 
     if start_step >= config.num_train_steps:
