@@ -49,12 +49,27 @@ def config_from_json_dict(data: dict) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(data)
 
 
+def report_partial_checkpoints(directory) -> list[str]:
+  """Warns about the step folders a killed save left half-written (Orbax's temporary names), which the manager
+  is about to delete, and returns their names: losing a save is never silent."""
+  directory = epath.Path(directory)
+  temporary = ocp.path.step.all_temporary_paths(directory) if directory.exists() else []
+  partial = sorted(path.get().name for path in temporary)
+  if partial and jax.process_index() == 0:
+    logging.warning("Discarding %d partial checkpoint folder(s) in %s left by an interrupted save: %s. The run "
+                    "continues from the newest complete checkpoint.", len(partial), directory, ", ".join(partial))
+  return partial
+
+
 def create_manager(directory, *, max_to_keep: int | None = None, async_save: bool = True,
                    read_only: bool = False) -> ocp.CheckpointManager:
   """A CheckpointManager over `directory` (created unless read_only) keeping the `max_to_keep` latest steps.
 
-  The trainer decides when to save, so every `save` call is honoured (save_interval_steps=1).
+  The trainer decides when to save, so every `save` call is honoured (save_interval_steps=1). Partial step
+  folders left by a killed save are reported (`report_partial_checkpoints`), then removed by Orbax.
   """
+  if not read_only:
+    report_partial_checkpoints(directory)
   options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep,
       save_interval_steps=1,

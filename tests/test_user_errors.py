@@ -372,6 +372,30 @@ def test_what_counts_as_a_user_error():
   assert cli_errors.is_user_error(raised(namespace["check"]))
 
 
+def test_a_discarded_partial_checkpoint_is_reported(tmp_path, caplog):
+  # A save killed halfway leaves a step folder under Orbax's temporary name; the next run's manager deletes it.
+  import logging  # pylint: disable=g-import-not-at-top
+  from dyngen import checkpoint  # pylint: disable=g-import-not-at-top
+  directory = tmp_path / "checkpoints"
+  with checkpoint.create_manager(directory, async_save=False) as manager:
+    manager.save(1, args=checkpoint.ocp.args.Composite(
+        config=checkpoint.ocp.args.JsonSave({"step": 1})), force=True)
+  partial = directory / "2.orbax-checkpoint-tmp-1796000000000000"
+  (partial / "config").mkdir(parents=True)
+  with caplog.at_level(logging.WARNING):
+    with checkpoint.create_manager(directory, async_save=False) as manager:
+      assert manager.all_steps() == [1]
+      manager.save(3, args=checkpoint.ocp.args.Composite(
+          config=checkpoint.ocp.args.JsonSave({"step": 3})), force=True)  # Waits for Orbax's cleanup.
+  assert f"Discarding 1 partial checkpoint folder(s) in {directory} left by an interrupted save: {partial.name}." \
+      in caplog.text
+  assert not partial.exists()  # Orbax removed it, after dyngen said so.
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    checkpoint.create_manager(directory).close()
+  assert "partial checkpoint" not in caplog.text  # Nothing left: nothing said.
+
+
 # Documented recipes run as written.
 
 
