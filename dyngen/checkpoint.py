@@ -25,6 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
 
 CHECKPOINT_SUBDIR = "checkpoints"
 STATE, DATA, CONFIG = "state", "data", "config"
@@ -141,15 +142,34 @@ def _check_fits(saved_tree, abstract_tree, where: str) -> None:
 
 
 def _quarantine(manager: ocp.CheckpointManager, step: int) -> str:
-  """Moves an unreadable step folder aside (`<step>.corrupt`), keeping it for inspection."""
+  """Moves an unreadable step folder aside (`<step>.corrupt`), keeping it for inspection.
+
+  Process 0 moves it; every host waits for the move before re-listing the steps, so that none still sees it.
+  """
   source = manager.directory / str(step)
   target = manager.directory / f"{step}{CORRUPT_SUFFIX}"
   if jax.process_index() == 0:
     if target.exists():
       target.rmtree()
     source.rename(target)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f"dyngen: {target} moved aside")
   manager.reload()
   return os.fspath(target)
+
+
+def _from_process_0(value: int) -> int:
+  """Process 0's `value` on every host (one decision for all)."""
+  if jax.process_count() == 1:
+    return value
+  return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
+
+
+def _on_every_host(ok: bool) -> bool:
+  """True when `ok` holds on every host."""
+  if jax.process_count() == 1:
+    return ok
+  return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
 
 
 def restore_latest(manager: ocp.CheckpointManager, abstract_state, *, data_iterator=None):
@@ -167,16 +187,27 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state, *, data_itera
     CheckpointMismatchError: the newest step is readable but has other array shapes than `abstract_state`.
     CorruptCheckpointError: there are steps but none can be read (each unreadable one is moved aside).
   """
+  # All hosts must resume from the same step: process 0 names each candidate (the newest it lists below the
+  # last one tried), every host tries to read its part, and a step counts as readable only if it was on all.
   steps = sorted(manager.all_steps(), reverse=True)
   skipped = []
-  for step in steps:
+  while True:
+    below = skipped[-1][0] if skipped else None
+    step = _from_process_0(max((s for s in manager.all_steps() if below is None or s < below), default=-1))
+    if step < 0:
+      break
     where = os.fspath(manager.directory / str(step))
+    unreadable = RuntimeError(f"{where} could not be read on another host")
     try:
-      saved_tree = manager.item_metadata(step)[STATE].tree
-    except Exception as error:  # pylint: disable=broad-except
-      skipped.append((step, error))
+      saved_tree, error = manager.item_metadata(step)[STATE].tree, None
+    except Exception as metadata_error:  # pylint: disable=broad-except
+      error = metadata_error
+    # Agreed before any host starts restoring: a host does not wait in Orbax for one that gave up.
+    if not _on_every_host(error is None):
+      skipped.append((step, error or unreadable))
       continue
-    # Shape mismatches are a config error, not corruption: raise instead of falling back.
+    # Shape mismatches are a config error, not corruption: raise instead of falling back (the metadata, hence
+    # the answer, is the same on every host).
     _check_fits(saved_tree, abstract_state, where)
     items = {STATE: ocp.args.PyTreeRestore(
         item=abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state))}
@@ -184,9 +215,11 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state, *, data_itera
     if has_data and isinstance(data_iterator, grain.DatasetIterator):
       items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
     try:
-      restored = manager.restore(step, args=ocp.args.Composite(**items))
-    except Exception as error:  # pylint: disable=broad-except
-      skipped.append((step, error))
+      restored, error = manager.restore(step, args=ocp.args.Composite(**items)), None
+    except Exception as restore_error:  # pylint: disable=broad-except
+      error = restore_error
+    if not _on_every_host(error is None):
+      skipped.append((step, error or unreadable))
       continue
     if skipped:
       moved = [_quarantine(manager, bad_step) for bad_step, _ in skipped]

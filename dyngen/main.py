@@ -34,6 +34,14 @@ _MODE = flags.DEFINE_enum("mode", "train", ["train", "sample"],
                           "config.sample.num_samples images of the EMA weights as .npz and .png.")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False,
                                  "Call jax.distributed.initialize() first (multi-host TPU pods, GPU clusters).")
+# On TPU pods and SLURM jax finds these itself; elsewhere (several processes on one machine, a GPU cluster
+# without SLURM) give all three. docs/multihost.md.
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "With --distributed: host:port of process 0 (default: detected).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
+                                      "With --distributed: how many processes (default: detected).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None,
+                                   "With --distributed: this process's index (default: detected).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -60,7 +68,9 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments {argv[1:]}; fields are set with --config.<field>=<value>.")
   logging.get_absl_handler().addFilter(_HideLibraryInfo())
   if _DISTRIBUTED.value:
-    jax.distributed.initialize()
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  elif any(flag.value is not None for flag in (_COORDINATOR, _NUM_PROCESSES, _PROCESS_ID)):
+    raise app.UsageError("--coordinator_address, --num_processes and --process_id need --distributed.")
   # Imported after flag parsing: TensorFlow (pulled in by clu and tfds) must not claim accelerators.
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], "GPU")

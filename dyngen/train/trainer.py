@@ -491,7 +491,9 @@ def sample(config: ml_collections.ConfigDict, workdir) -> str:
   saved_config, ema_params = checkpoint.load_for_inference(source)
   config = _with_checkpoint_settings(config, saved_config)
   run = Run(config, check_dataset=False)
-  ema_params = jax.device_put(ema_params, run.state_shardings.ema_params)
+  # From host memory: the loaded arrays sit on this host's first device, and jax moves no array between hosts
+  # (a multi-process run would stop here); every host holds the same numpy values.
+  ema_params = jax.device_put(jax.device_get(ema_params), run.state_shardings.ema_params)
   sampler = run.sampler()
   sample_config = config.sample
   labels = sample_lib.balanced_labels(sample_config.num_samples, run.model.num_classes)
