@@ -211,6 +211,51 @@ def test_fixed_step_loops_are_one_scan(sampler):
   assert len(calls) == {"euler": 1, "heun2": 2, "sde": 2}[sampler]
 
 
+@pytest.mark.parametrize("method", ["euler", "heun2"])
+@pytest.mark.parametrize("path_type,prediction", [("Linear", "velocity"), ("VP", "score")])
+def test_ode_evaluations_run_one_by_one_give_sample_ode(method, path_type, prediction):
+  """`ode_evaluations` (the routed fast path's per-evaluation form) stepped in a Python loop = `sample_ode`,
+  the model seeing each listed time exactly once, in order; a 2C-channel output keeps its first C."""
+  transport = create_transport(path_type, prediction)
+  model = exact_model(path_type, prediction)
+  doubled_model = lambda x, t: jnp.concatenate([model(x, t), 100 + x], axis=-1)  # learn_sigma's 2C layout
+  seen = []
+
+  def recording_model(x, t):
+    seen.append(float(t[0]))
+    return doubled_model(x, t)
+
+  with jax.enable_x64(True):
+    x_T = jnp.asarray(np.random.default_rng(0).standard_normal((4, 1, 1, 3)))
+    model_times, init, update, result = transport.ode_evaluations(method, 9)
+    state = init(x_T)
+    for e in range(len(model_times)):
+      state = update(recording_model, state, jnp.int32(e), None)
+    expected = transport.sample_ode(first_channels(doubled_model, 3), x_T, method, num_steps=9)
+    # A velocity's drift is the model output: the same float64 arithmetic. A score's drift coefficients are
+    # float32 (as SiT's), rounded differently eagerly and inside the compiled scan: float32 ulps.
+    tolerance = 1e-12 if prediction == "velocity" else 2e-6
+    np.testing.assert_allclose(result(state), expected, rtol=tolerance, atol=tolerance)
+  np.testing.assert_array_equal(np.float32(seen), model_times)
+  assert len(model_times) == {"euler": 8, "heun2": 16}[method]
+
+
+def test_sample_loops_record_aux_per_model_evaluation():
+  """with_aux: one aux value per model evaluation in evaluation order (heun2 2 per step; SDE + last step)."""
+  transport = create_transport()
+  model = exact_model("Linear", "velocity")
+  with_time = lambda x, t: (model(x, t), {"t": t[0]})
+  x_T = jnp.zeros((2, 1, 1, 3))
+  _, aux = transport.sample_ode(with_time, x_T, "heun2", num_steps=5, with_aux=True)
+  grid = np.linspace(0, 1, 5, dtype=np.float32)
+  np.testing.assert_allclose(aux["t"], np.stack([grid[:-1], grid[1:]], 1).reshape(-1), rtol=1e-7)
+  _, aux = transport.sample_sde(with_time, x_T, num_steps=5, key=jax.random.key(0), with_aux=True)
+  assert aux["t"].shape == (5,)  # 4 Euler–Maruyama steps + the "Mean" last step at 1 − 0.04
+  np.testing.assert_allclose(aux["t"][-1], 0.96, rtol=1e-6)
+  with pytest.raises(ValueError, match="dopri5 chooses"):
+    transport.sample_ode(with_time, x_T, "dopri5", with_aux=True)
+
+
 # SiT's create_transport rules.
 
 

@@ -29,3 +29,4 @@ from dyngen.diffusion.transport import create_transport
 from dyngen.diffusion.transport import first_channels
 from dyngen.diffusion.transport import interval_guided_model_fn
 from dyngen.diffusion.transport import objective_interface
+from dyngen.diffusion.transport import transport_from_config

@@ -61,6 +61,20 @@ def _is_concrete(x):
   return not isinstance(x, jax.core.Tracer)
 
 
+def _stack_aux(aux_log):
+  """[{name: ()}, ...] of one step's model evaluations -> {name: (E,)}; None when aux is not recorded."""
+  if aux_log is None:
+    return None
+  return jax.tree.map(lambda *values: jnp.stack(values), *aux_log)
+
+
+def _flat_aux(per_step, tail=None):
+  """{name: (S, E)} of the scanned steps (+ {name: (E',)} of a last step) -> {name: (S·E + E',)} in
+  evaluation order."""
+  flat = jax.tree.map(lambda a: a.reshape(-1), per_step)
+  return flat if tail is None else jax.tree.map(lambda a, b: jnp.concatenate([a, b]), flat, tail)
+
+
 def first_channels(model_fn: ModelFn, channels: int) -> ModelFn:
   """model_fn whose output keeps only its first `channels` channels (SiT's forward drops learn_sigma's half)."""
   if not isinstance(channels, int) or channels < 1:
@@ -176,8 +190,11 @@ class Transport:
 
   # Model outputs and what follows from them.
 
-  def _call_model(self, model_fn, x, t, y):
+  def _call_model(self, model_fn, x, t, y, aux_log=None):
     out = model_fn(x, t) if y is None else model_fn(x, t, y)
+    if aux_log is not None:  # with_aux: model_fn returned (out, {name: ()}), kept in evaluation order
+      out, aux = out
+      aux_log.append(aux)
     if out.shape != x.shape:
       hint = ""
       if out.shape == x.shape[:-1] + (2 * x.shape[-1],):
@@ -276,7 +293,7 @@ class Transport:
     return jnp.linspace(t0, t1, num_steps, dtype=jnp.float32)
 
   def sample_ode(self, model_fn: ModelFn, x_T, sampling_method="dopri5", num_steps=50, atol=1e-6, rtol=1e-3,
-                 reverse=False, return_trajectory=False, y=None, max_steps=4096):
+                 reverse=False, return_trajectory=False, y=None, max_steps=4096, with_aux=False, progress=None):
     """Solves the probability-flow ODE from x_T (SiT's Sampler.sample_ode; jit the caller).
 
     Args:
@@ -290,17 +307,25 @@ class Transport:
       return_trajectory: also return the state at every grid time, (num_steps, B, H, W, C), [0] = x_T.
       y: labels passed to model_fn as its third argument.
       max_steps: dopri5's cap on steps (accepted + rejected); a solve that needs more returns non-finite values.
+      with_aux: model_fn returns (out, {name: () array}) (a routed model's FLOPs ratio, ...), and the result
+        gains a last element {name: (E,)}, one value per model evaluation in evaluation order
+        (euler: E = num_steps − 1, heun2: 2 per step). Fixed-step methods only.
+      progress: a `dyngen.progress.LoopProgress`, ticked after each fixed step (host-side reports from inside
+        the loop; the samples are unchanged). dopri5 does not report.
 
-    Returns: samples (B, H, W, C), or (samples, trajectory).
+    Returns: samples (B, H, W, C), or (samples, trajectory); + (aux,) with `with_aux`.
     """
     if sampling_method not in ODE_METHODS:
       raise ValueError(f"unknown ODE sampling_method {sampling_method!r}; expected one of {ODE_METHODS}")
+    if with_aux and sampling_method == "dopri5":
+      raise ValueError("with_aux records one value per model evaluation of a fixed grid; dopri5 chooses its "
+                       "evaluations adaptively: use sampling_method 'euler' or 'heun2'")
     t0, t1 = self.interval(eval=True, reverse=reverse)
     grid = self._grid(t0, t1, num_steps)
 
-    def drift(x, t):  # t: () float32 grid value
+    def drift(x, t, aux_log=None):  # t: () float32 grid value
       t = jnp.full(x.shape[:1], t, jnp.float32)
-      return self.ode_drift(self._call_model(model_fn, x, t, y), x, t).astype(x.dtype)
+      return self.ode_drift(self._call_model(model_fn, x, t, y, aux_log), x, t).astype(x.dtype)
 
     if sampling_method == "dopri5":
       import diffrax  # pylint: disable=g-import-not-at-top  # ~1 s to import; only dopri5 needs it
@@ -312,26 +337,73 @@ class Transport:
       trajectory = solution.ys.astype(x_T.dtype)
       return (trajectory[-1], trajectory) if return_trajectory else trajectory[-1]
 
-    def step(x, times):
-      t_cur, t_next = times
+    def step(x, scanned):
+      (t_cur, t_next), done = scanned
+      aux_log = [] if with_aux else None
       dt = t_next - t_cur  # float32, as torchdiffeq's fixed grid
-      k1 = drift(x, t_cur)
+      k1 = drift(x, t_cur, aux_log)
       if sampling_method == "euler":
         x = x + dt * k1
       else:  # heun2: the second evaluation at t_cur + dt, which is the next grid time
-        k2 = drift(x + dt * k1, t_next)
+        k2 = drift(x + dt * k1, t_next, aux_log)
         x = x + dt * (k1 * 0.5 + k2 * 0.5)
       x = x.astype(x_T.dtype)
-      return x, (x if return_trajectory else None)
+      if progress is not None:
+        progress.tick(done, num_steps - 1)
+      return x, (x if return_trajectory else None, _stack_aux(aux_log))
 
-    final, states = jax.lax.scan(step, x_T, (grid[:-1], grid[1:]))
+    final, (states, aux) = jax.lax.scan(step, x_T, ((grid[:-1], grid[1:]), jnp.arange(1, num_steps)))
+    result = (final,)
     if return_trajectory:
-      return final, jnp.concatenate([x_T[None], states], axis=0)
-    return final
+      result += (jnp.concatenate([x_T[None], states], axis=0),)
+    if with_aux:
+      result += (_flat_aux(aux),)
+    return result if len(result) > 1 else final
+
+  def ode_evaluations(self, sampling_method, num_steps, y=None):
+    """`sample_ode`'s fixed-step loop one model evaluation at a time, for loops that run each evaluation
+    themselves (the routed models' fast path, `dyngen.train.routing_plan.SamplingSchedule`).
+
+    Returns: (model_times, init, update, result): model_times (E,) float32 numpy, the t of evaluation e (euler:
+    the grid's first num_steps − 1 points; heun2: t_0, t_1, t_1, t_2, ..., two per step); init(x_T) -> state;
+    update(model_fn, state, e, key) -> state, which calls model_fn(x, t) once with t = (B,) copies of
+    model_times[e] (e traced; key unused: the ODE is deterministic); result(state) -> samples. Run in order
+    for e = 0 .. E−1, they give `sample_ode(model_fn, x_T, sampling_method, num_steps)` with the same arithmetic.
+    """
+    if sampling_method not in ("euler", "heun2"):
+      raise ValueError(f"evaluation-by-evaluation ODE loops exist for 'euler' and 'heun2', got {sampling_method!r}")
+    t0, t1 = self.interval(eval=True)
+    grid = self._grid(t0, t1, num_steps)
+    grid_values = np.asarray(grid)
+
+    def drift(model_fn, x, t):  # t: () float32; a learn_sigma model's extra channels are dropped, as SiT
+      t = jnp.full(x.shape[:1], t, jnp.float32)
+      out = self._call_model(first_channels(model_fn, x.shape[-1]), x, t, y)
+      return self.ode_drift(out, x, t).astype(x.dtype)
+
+    if sampling_method == "euler":
+      def euler_update(model_fn, x, e, key):
+        del key
+        return (x + (grid[e + 1] - grid[e]) * drift(model_fn, x, grid[e])).astype(x.dtype)
+
+      return grid_values[:-1].copy(), lambda x_T: x_T, euler_update, lambda x: x
+
+    def heun_update(model_fn, state, e, key):  # state (x, k1): even e computes k1, odd e finishes the step
+      del key
+      x, k1 = state
+      j, second = e // 2, e % 2 == 1
+      t_cur, t_next = grid[j], grid[j + 1]
+      dt = t_next - t_cur
+      k = drift(model_fn, jnp.where(second, x + dt * k1, x).astype(x.dtype), jnp.where(second, t_next, t_cur))
+      x = jnp.where(second, x + dt * (k1 * 0.5 + k * 0.5), x).astype(x.dtype)
+      return x, jnp.where(second, jnp.zeros_like(k), k)
+
+    model_times = np.stack([grid_values[:-1], grid_values[1:]], axis=1).reshape(-1)
+    return model_times, lambda x_T: (x_T, jnp.zeros_like(x_T)), heun_update, lambda state: state[0]
 
   def sample_sde(self, model_fn: ModelFn, x_T, sampling_method="Euler", diffusion_form="sigma", diffusion_norm=1.0,
                  last_step="Mean", last_step_size=0.04, num_steps=250, key=None, step_noise=None,
-                 return_trajectory=False, y=None):
+                 return_trajectory=False, y=None, with_aux=False, progress=None):
     """Samples the reverse SDE dx = [v + w_t·s] dt + sqrt(2 w_t) dW from x_T (SiT's Sampler.sample_sde).
 
     num_steps − 1 stochastic steps on the grid linspace(t0, 1 − last_step_size, num_steps) at its first
@@ -351,8 +423,12 @@ class Transport:
       return_trajectory: also return (num_steps, B, H, W, C): the state after each stochastic step, then the
         last step's result (x_T not included, as SiT).
       y: labels passed to model_fn as its third argument.
+      with_aux: model_fn returns (out, {name: () array}); the result gains a last element {name: (E,)}, one
+        value per model evaluation in evaluation order (1 per Euler step, 2 per Heun step, 1 for the last
+        step unless last_step is None).
+      progress: a `dyngen.progress.LoopProgress`, ticked after each stochastic step.
 
-    Returns: samples (B, H, W, C), or (samples, trajectory).
+    Returns: samples (B, H, W, C), or (samples, trajectory); + (aux,) with `with_aux`.
     """
     if sampling_method not in SDE_METHODS:
       raise ValueError(f"unknown SDE sampling_method {sampling_method!r}; expected one of {SDE_METHODS}")
@@ -383,45 +459,52 @@ class Transport:
                        "(num_steps - 1, B, H, W, C)")
     path = self.path
 
-    def model_out(x, t):
-      return self._call_model(model_fn, x, t, y)
+    def model_out(x, t, aux_log=None):
+      return self._call_model(model_fn, x, t, y, aux_log)
 
-    def sde_drift(x, t):
-      out = model_out(x, t)
+    def sde_drift(x, t, aux_log=None):
+      out = model_out(x, t, aux_log)
       return self.ode_drift(out, x, t) + path.compute_diffusion(x, t, diffusion_form, diffusion_norm) * self.score(
           out, x, t)
 
     def step(x, scanned):
-      t_value, source = scanned
+      (t_value, source), done = scanned
+      aux_log = [] if with_aux else None
       noise = source if step_noise is not None else jax.random.normal(jax.random.fold_in(key, source), x.shape,
                                                                       x.dtype)
       t = jnp.full(x.shape[:1], t_value, x.dtype)
       dw = noise * sqrt_dt
       diffusion = path.compute_diffusion(x, t, diffusion_form, diffusion_norm)
       if sampling_method == "Euler":
-        x = x + sde_drift(x, t) * dt + jnp.sqrt(2 * diffusion) * dw
+        x = x + sde_drift(x, t, aux_log) * dt + jnp.sqrt(2 * diffusion) * dw
       else:
         x_hat = x + jnp.sqrt(2 * diffusion) * dw
-        k1 = sde_drift(x_hat, t)
-        k2 = sde_drift(x_hat + dt * k1, t + dt)
+        k1 = sde_drift(x_hat, t, aux_log)
+        k2 = sde_drift(x_hat + dt * k1, t + dt, aux_log)
         x = x_hat + 0.5 * dt * (k1 + k2)
       x = x.astype(x_T.dtype)
-      return x, (x if return_trajectory else None)
+      if progress is not None:
+        progress.tick(done, num_noisy)
+      return x, (x if return_trajectory else None, _stack_aux(aux_log))
 
-    x, states = jax.lax.scan(step, x_T, (grid[:-1], noise_source))
+    x, (states, aux) = jax.lax.scan(step, x_T, ((grid[:-1], noise_source), jnp.arange(1, num_steps)))
     ts = jnp.full(x.shape[:1], t1, jnp.float32)  # float32 also in a float64 run, as SiT
+    last_aux = [] if with_aux else None
     if last_step == "Mean":
-      x = x + sde_drift(x, ts) * last_step_size
+      x = x + sde_drift(x, ts, last_aux) * last_step_size
     elif last_step == "Tweedie":
       alpha_t = path.compute_alpha_t(paths.expand_t_like_x(ts, x))[0]
       sigma_t = path.compute_sigma_t(paths.expand_t_like_x(ts, x))[0]
-      x = x / alpha_t + sigma_t ** 2 / alpha_t * self.score(model_out(x, ts), x, ts)
+      x = x / alpha_t + sigma_t ** 2 / alpha_t * self.score(model_out(x, ts, last_aux), x, ts)
     elif last_step == "Euler":
-      x = x + self.ode_drift(model_out(x, ts), x, ts) * last_step_size
+      x = x + self.ode_drift(model_out(x, ts, last_aux), x, ts) * last_step_size
     x = x.astype(x_T.dtype)
+    result = (x,)
     if return_trajectory:
-      return x, jnp.concatenate([states, x[None]], axis=0)
-    return x
+      result += (jnp.concatenate([states, x[None]], axis=0),)
+    if with_aux:
+      result += (_flat_aux(aux, _stack_aux(last_aux) if last_aux else None),)
+    return result if len(result) > 1 else x
 
 
 def create_transport(path_type="Linear", prediction="velocity", loss_weight=None, train_eps=None,
@@ -464,8 +547,19 @@ def create_transport(path_type="Linear", prediction="velocity", loss_weight=None
 
 # One interface for the trainer and the sampler, whichever objective a config chooses.
 
+DIFFUSION_SAMPLERS = ("ddpm", "ddim")
 FLOW_ODE_SAMPLERS = ODE_METHODS
 FLOW_SDE_SAMPLERS = {"sde_euler": "Euler", "sde_heun": "Heun"}
+FLOW_SAMPLERS = FLOW_ODE_SAMPLERS + tuple(FLOW_SDE_SAMPLERS)
+OBJECTIVES = ("diffusion", "flow")
+
+
+def transport_from_config(transport_config) -> Transport:
+  """`create_transport` of a run's `config.transport` (path_type, prediction, loss_weight, train_eps,
+  sample_eps; None or "" for loss_weight means no weight, None for an epsilon SiT's default)."""
+  return create_transport(path_type=transport_config.path_type, prediction=transport_config.prediction,
+                          loss_weight=transport_config.loss_weight or None, train_eps=transport_config.train_eps,
+                          sample_eps=transport_config.sample_eps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -518,33 +612,62 @@ class ObjectiveInterface:
     terms = self.process.training_losses(lambda x, s: model_fn(x, s)[..., :channels], x_start, key=key, t=t)
     return dict(loss=terms["loss"], mse=terms["mse"], vb=jnp.zeros_like(terms["loss"]))
 
-  def sample_loop(self, model_fn: ModelFn, x_T, key, sample_config):
+  def sample_loop(self, model_fn: ModelFn, x_T, key, sample_config, with_aux=False, progress=None):
     """Samples (B, H, W, C) from noise x_T: (B, H, W, C) with the loop `sample_config.sampler` names.
 
     Diffusion: "ddpm" or "ddim" (with sample_config.eta, clip_denoised) over the process's own (respaced) steps.
     Transport: "euler", "heun2", "dopri5" (ODE; atol / rtol if present) or "sde_euler", "sde_heun" (SDE;
-    diffusion_form, diffusion_norm, last_step, last_step_size if present), over sample_config.num_steps grid points.
+    diffusion_form, diffusion_norm, last_step ("" = None), last_step_size if present), over
+    sample_config.num_steps grid points. with_aux (transport only): model_fn returns (out, {name: ()}) and the
+    result is (samples, {name: (E,)}), one value per model evaluation. progress: a
+    `dyngen.progress.LoopProgress` ticked after each step.
     """
     sampler = sample_config.sampler
     if not self.is_flow:
-      if sampler not in ("ddpm", "ddim"):
-        raise ValueError(f"unknown diffusion sampler {sampler!r}; expected 'ddpm' or 'ddim'")
+      if with_aux:
+        raise ValueError("with_aux is for a transport; the diffusion's routed loop is "
+                         "dyngen.train.sample.routed_sample_loop")
+      if sampler not in DIFFUSION_SAMPLERS:
+        raise ValueError(f"unknown diffusion sampler {sampler!r}; expected one of {DIFFUSION_SAMPLERS}")
       if sampler == "ddim":
         return self.process.ddim_sample_loop(model_fn, x_T, key=key, clip_denoised=sample_config.clip_denoised,
-                                             eta=sample_config.eta)
-      return self.process.p_sample_loop(model_fn, x_T, key=key, clip_denoised=sample_config.clip_denoised)
+                                             eta=sample_config.eta, progress=progress)
+      return self.process.p_sample_loop(model_fn, x_T, key=key, clip_denoised=sample_config.clip_denoised,
+                                        progress=progress)
     get = lambda name, default: getattr(sample_config, name, default)
-    flow_fn = first_channels(model_fn, x_T.shape[-1])
+    channels = x_T.shape[-1]
+    if with_aux:
+      def flow_fn(*args):
+        out, aux = model_fn(*args)
+        return out[..., :channels], aux
+    else:
+      flow_fn = first_channels(model_fn, channels)
     if sampler in FLOW_ODE_SAMPLERS:
       return self.process.sample_ode(flow_fn, x_T, sampling_method=sampler, num_steps=sample_config.num_steps,
-                                     atol=get("atol", 1e-6), rtol=get("rtol", 1e-3))
+                                     atol=get("atol", 1e-6), rtol=get("rtol", 1e-3), with_aux=with_aux,
+                                     progress=progress)
     if sampler in FLOW_SDE_SAMPLERS:
       return self.process.sample_sde(
           flow_fn, x_T, sampling_method=FLOW_SDE_SAMPLERS[sampler], diffusion_form=get("diffusion_form", "sigma"),
-          diffusion_norm=get("diffusion_norm", 1.0), last_step=get("last_step", "Mean"),
-          last_step_size=get("last_step_size", 0.04), num_steps=sample_config.num_steps, key=key)
-    raise ValueError(f"unknown flow-matching sampler {sampler!r}; expected one of "
-                     f"{FLOW_ODE_SAMPLERS + tuple(FLOW_SDE_SAMPLERS)}")
+          diffusion_norm=get("diffusion_norm", 1.0), last_step=get("last_step", "Mean") or None,
+          last_step_size=get("last_step_size", 0.04), num_steps=sample_config.num_steps, key=key,
+          with_aux=with_aux, progress=progress)
+    raise ValueError(f"unknown flow-matching sampler {sampler!r}; expected one of {FLOW_SAMPLERS}")
+
+  def sampling_times(self, sample_config) -> np.ndarray:
+    """The times the sampling loop starts its steps at, in run order, as the model receives them.
+
+    Diffusion: the respaced process's original timesteps, T−1 first. Transport: the grid's first
+    num_steps − 1 points (a Heun step also evaluates at the next one; an SDE's last step at the grid's end).
+    """
+    if not self.is_flow:
+      return np.asarray(self.process.timestep_map)[::-1].copy()
+    sde = sample_config.sampler in FLOW_SDE_SAMPLERS
+    last_step = getattr(sample_config, "last_step", "Mean") or None
+    kwargs = dict(sde=True, diffusion_form=getattr(sample_config, "diffusion_form", "sigma"),
+                  last_step_size=getattr(sample_config, "last_step_size", 0.04) if last_step else 0.0) if sde else {}
+    t0, t1 = self.process.interval(eval=True, **kwargs)
+    return np.asarray(self.process._grid(t0, t1, sample_config.num_steps))[:-1]  # pylint: disable=protected-access
 
 
 def objective_interface(process) -> ObjectiveInterface:
