@@ -43,6 +43,7 @@ for flag in "$@"; do overrides+=" $(printf '%q' "$flag")"; done
 ssh_all "cd dyngen && nohup python3 -m dyngen.main --config=$CONFIG --workdir=$BUCKET/$RUN_NAME --distributed\
 $overrides > run.log 2>&1 &"
 if [[ -z "${DRY_RUN:-}" ]]; then
-  echo "Started. Logs: gcloud compute tpus tpu-vm ssh $TPU_NAME --zone=$ZONE --worker=0 --command='tail -f dyngen/run.log'"
+  echo "Started. Logs: gcloud compute tpus tpu-vm ssh $TPU_NAME --zone=$ZONE --worker=0 \
+--command='tail -f dyngen/run.log'"
   echo "TensorBoard: tensorboard --logdir=$BUCKET/$RUN_NAME"
 fi

@@ -141,8 +141,8 @@ def runs(tmp_path_factory):
   data_lib.dataset_info(data_config)  # Built once here, not by two processes at the same time.
   coordinator = f"localhost:{free_port()}"
   readers = [subprocess.Popen([sys.executable, "-c", READ_AN_EPOCH, coordinator, str(index), str(data_dir),
-                               str(scratch / f"epoch_{index}.npz")], cwd=scratch, env=dict(os.environ, JAX_PLATFORMS="cpu"))
-             for index in range(2)]
+                               str(scratch / f"epoch_{index}.npz")],
+                              cwd=scratch, env=dict(os.environ, JAX_PLATFORMS="cpu")) for index in range(2)]
   assert [reader.wait(timeout=TIMEOUT_S) for reader in readers] == [0, 0]
   killed_dir, reference_dir = scratch / "two_processes", scratch / "one_process"
   checkpoints = killed_dir / checkpoint.CHECKPOINT_SUBDIR
