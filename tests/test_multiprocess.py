@@ -11,11 +11,12 @@ config file written there (config files load from anywhere), shared by the tests
   sampled    --mode=sample of `resumed` (2 x 4) and of `reference` (1 x 8)
   epoch      2 processes read one epoch of the input pipeline, each its own rows of every global batch
 
-The processes meet through jax.distributed with a coordinator on localhost (docs/multihost.md). CPU
-collectives between processes are gloo's (jax's default on CPU).
+The 2-process commands are the ones `launch/localhost.sh` starts (its dry run prints them): jax.distributed with
+a coordinator on localhost (docs/multihost.md). CPU collectives between processes are gloo's (jax's default).
 """
 import os
 import pathlib
+import shlex
 import signal
 import socket
 import subprocess
@@ -59,6 +60,7 @@ def get_config(arg=None):
   return config
 '''
 TIMEOUT_S = 600
+LOCALHOST_SH = pathlib.Path(__file__).resolve().parents[1] / "launch" / "localhost.sh"
 # One epoch of the digits (1,497 examples, 94 global batches of 16) read by each of 2 processes, as the trainer
 # reads it (process index and count from jax.distributed).
 READ_AN_EPOCH = """
@@ -81,23 +83,28 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+def localhost_commands(processes, devices, flags, env):
+  """The commands `launch/localhost.sh` runs (from its dry run), one per process."""
+  result = subprocess.run(["bash", str(LOCALHOST_SH), str(processes), str(devices), *flags], check=True, text=True,
+                          capture_output=True, env=dict(env, DRY_RUN="1", PYTHON=sys.executable, PORT=str(free_port())))
+  return [shlex.split(line) for line in result.stdout.splitlines()]
+
+
 class Launch:
-  """`python -m dyngen.main` in `processes` processes of `devices` CPU devices each, as docs/multihost.md."""
+  """`python -m dyngen.main` in `processes` processes of `devices` CPU devices each."""
 
   def __init__(self, scratch, name, *, processes, devices, flags):
     self.logs = [scratch / f"{name}.{i}.log" for i in range(processes)]
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(scratch / "jax_cache"),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    command = [sys.executable, "-m", "dyngen.main", f"--jax_num_cpu_devices={devices}", *flags]
     if processes > 1:
-      command += ["--distributed", f"--coordinator_address=localhost:{free_port()}",
-                  f"--num_processes={processes}"]
+      commands = localhost_commands(processes, devices, flags, env)
+    else:
+      commands = [[sys.executable, "-m", "dyngen.main", *flags, f"--jax_num_cpu_devices={devices}"]]
     self.procs = []
-    for index, log in enumerate(self.logs):
+    for command, log in zip(commands, self.logs, strict=True):
       with open(log, "w") as out:
-        extra = [f"--process_id={index}"] if processes > 1 else []
-        self.procs.append(subprocess.Popen(command + extra, cwd=scratch, env=env, stdout=out,
-                                           stderr=subprocess.STDOUT))
+        self.procs.append(subprocess.Popen(command, cwd=scratch, env=env, stdout=out, stderr=subprocess.STDOUT))
 
   def text(self, index) -> str:
     return self.logs[index].read_text()
@@ -268,3 +275,12 @@ def test_process_flags_without_distributed_are_refused(tmp_path):
   assert result.returncode != 0
   assert "--coordinator_address, --num_processes and --process_id need --distributed" in result.stderr
   assert not any(tmp_path.iterdir())
+
+
+def test_localhost_launcher_stops_when_a_process_fails(tmp_path):
+  # Both processes refuse a missing config file at once; the launcher reports it and fails.
+  result = subprocess.run(["bash", str(LOCALHOST_SH), "2", "1", f"--config={tmp_path}/missing.py",
+                           f"--workdir={tmp_path}/run"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHON=sys.executable, PORT=str(free_port())), check=False)
+  assert result.returncode == 1 and "a process failed: see ./process_*.log" in result.stderr
+  assert "missing.py" in (tmp_path / "process_0.log").read_text()
