@@ -101,6 +101,17 @@ def training_config() -> ml_collections.ConfigDict:
       warmup=0.0,
   ))
 
+  # What the model learns: "diffusion" (DiT's Gaussian diffusion, config.diffusion) or "flow" (flow matching with
+  # SiT's interpolants, config.transport; docs/flow_matching.md). Every family trains and samples with either.
+  config.objective = "diffusion"
+  # Arguments of dyngen.diffusion.create_transport (objective "flow"), SiT's defaults: path_type "Linear",
+  # "GVP" or "VP"; prediction "velocity", "score" or "noise"; loss_weight None, "velocity" or "likelihood"
+  # (score / noise only); train_eps / sample_eps None = SiT's per path (Linear / GVP velocity always use 0).
+  # A learn_sigma model keeps SiT's layout: its second half of output channels is unused on flow.
+  config.transport = ml_collections.ConfigDict(dict(
+      path_type="Linear", prediction="velocity", loss_weight=ml_collections.config_dict.placeholder(str),
+      train_eps=ml_collections.config_dict.placeholder(float),
+      sample_eps=ml_collections.config_dict.placeholder(float)))
   # Arguments of dyngen.diffusion.create_diffusion for training (learn_sigma follows config.model).
   config.diffusion = ml_collections.ConfigDict(dict(
       noise_schedule="linear", diffusion_steps=1000, predict_xstart=False, use_kl=False, sigma_small=False,
@@ -111,9 +122,19 @@ def training_config() -> ml_collections.ConfigDict:
   config.latent = ml_collections.ConfigDict(dict(vae="", scale_factor=0.18215))
 
   config.sample = ml_collections.ConfigDict(dict(
-      sampler="ddpm",  # "ddpm" (ancestral) or "ddim".
-      num_steps=250,
+      # Diffusion: "ddpm" (ancestral) or "ddim". Flow: "euler", "heun2", "dopri5" (probability-flow ODE) or
+      # "sde_euler", "sde_heun" (SiT's SDE: Euler-Maruyama or Heun).
+      sampler="ddpm",
+      num_steps=250,  # Diffusion: respaced steps. Flow: time-grid points, as SiT (num_steps - 1 steps).
       eta=0.0,  # DDIM only.
+      atol=1e-6,  # Flow, dopri5: absolute tolerance (SiT's default).
+      rtol=1e-3,  # Flow, dopri5: relative tolerance (SiT's default).
+      diffusion_form="sigma",  # Flow SDE: w_t ("constant", "SBDM", "sigma", "linear", "decreasing", ...).
+      diffusion_norm=1.0,  # Flow SDE: the scale of w_t.
+      last_step="Mean",  # Flow SDE: "Mean", "Tweedie", "Euler" or "" (none), SiT's last-step handling.
+      last_step_size=0.04,  # Flow SDE: the last step's length; the stochastic grid ends at 1 - last_step_size.
+      # Flow: guide only while t (0 = noise, 1 = data) lies in [low, high] (guidance interval); (0, 1) = always.
+      guidance_interval=(0.0, 1.0),
       cfg_scale=1.5,  # Guidance for `--mode=sample` (DiT's FID setting).
       guidance_channels=3,  # Guide the first 3 output channels as the official code; 0 = all channels.
       clip_denoised=False,

@@ -41,20 +41,43 @@ def model_config(name, variant):
   return ml_collections.ConfigDict(fields)
 
 
-def experiment_config(name, arg, size):
-  """The DiT ImageNet 256x256 recipe for family `name`; `arg` = 'S/2', 'B/4,runlocal', 'patch=4', ...
+# SiT's recipe (Ma et al. 2024; willisma/SiT train.py and sample_ddp.py): DiT's backbone, optimiser, batch and
+# EMA unchanged, the Linear interpolant with velocity prediction and no loss weight, and for FID-50K the SDE
+# (Euler-Maruyama, w_t = sigma_t, last step "Mean" of 0.04) on 250 grid points with guidance 1.5.
+SIT_TRANSPORT = dict(path_type="Linear", prediction="velocity", loss_weight=None, train_eps=None, sample_eps=None)
+SIT_SAMPLING = dict(sampler="sde_euler", num_steps=250, diffusion_form="sigma", diffusion_norm=1.0,
+                    last_step="Mean", last_step_size=0.04, cfg_scale=1.5, clip_denoised=False)
+
+
+def on_flow_matching(config):
+  """`config` switched to SiT's flow matching (config.objective = "flow") with SiT's sampling; the model keeps
+  its fields (a learn_sigma model keeps SiT's layout, the variance half unused), so any family can switch."""
+  config.objective = "flow"
+  config.transport.update(SIT_TRANSPORT)
+  config.sample.update(SIT_SAMPLING)
+  return config
+
+
+def experiment_config(name, arg, size, objective="diffusion"):
+  """The DiT ImageNet 256x256 recipe for family `name`; `arg` = 'S/2', 'B/4,runlocal', 'XL/2,objective=flow'.
 
   Args:
-    name: the model family ("dit", "dig").
+    name: the model family ("dit", "dig", ...).
     arg: the string after ':' in --config=configs/<file>.py:<arg>; a variant such as "XL/2" (its size must
-      be the file's size), optionally ",runlocal" for a smoke run on the embedded digits.
+      be the file's size), optionally ",runlocal" for a smoke run on the embedded digits, and
+      ",objective=flow" for SiT's flow matching instead of the Gaussian diffusion (`on_flow_matching`).
     size: the file's model size ("S", "B", "L", "XL").
+    objective: the default of the `objective` argument.
   """
-  arg = common.parse_arg(arg, variant=f"{size}/2", runlocal=False)
+  arg = common.parse_arg(arg, variant=f"{size}/2", runlocal=False, objective=objective)
   if arg.variant.partition("/")[0] != size:
     raise ValueError(f"configs for {name}-{size} take variants {size}/2, {size}/4 or {size}/8, "
                      f"got {arg.variant!r}")
+  if arg.objective not in ("diffusion", "flow"):
+    raise ValueError(f"config argument objective={arg.objective!r} must be 'diffusion' or 'flow'.")
   config = common.training_config()
+  if arg.objective == "flow":
+    on_flow_matching(config)
   config.model = model_config(name, arg.variant)
   # DiT trains on SD-VAE latents of 256x256 ImageNet images, extracted ahead (python -m dyngen.latent.extract):
   # --config.data.latent_dir=LATENTS --config.latent.vae=sd-vae-ft-ema (the weights, to decode samples).
@@ -62,6 +85,20 @@ def experiment_config(name, arg, size):
   config.latent.vae = ""
   if arg.runlocal:
     common.shrink_for_runlocal(config, depth=4)
+  return config
+
+
+# SiT trains XL/2 for 7M steps (FID-50K 2.06 with cfg 1.5 and the SDE); the other sizes are compared at 400K.
+SIT_TRAIN_STEPS = {"S": 400_000, "B": 400_000, "L": 400_000, "XL": 7_000_000}
+
+
+def sit_experiment_config(arg, size):
+  """SiT on ImageNet 256x256: DiT's backbone (family "dit", DiT's field names) on SiT's flow matching."""
+  config = experiment_config("dit", arg, size, objective="flow")
+  if config.objective != "flow":
+    raise ValueError("the SiT configs train flow matching; for the diffusion use configs/dit_*.py.")
+  if config.data.name != "digits":  # not runlocal
+    config.num_train_steps = SIT_TRAIN_STEPS[size]
   return config
 
 
@@ -74,24 +111,31 @@ DYDIT_RECIPES = {
 }
 # The file name of the released DiT-XL/2 256x256 weights, the default warm start (pass its path).
 DIT_XL_2_CHECKPOINT = "DiT-XL-2-256x256.pt"
+# The released SiT-XL/2 256x256 weights (DiT's layout), the warm start of DyDiT on flow matching.
+SIT_XL_2_CHECKPOINT = "SiT-XL-2-256x256.pt"
 
 
 def dydit_experiment_config(arg, size, family="dydit"):
   """DyDiT fine-tuning on ImageNet 256x256; `arg` = 'XL/2', 'XL/2,ratio=0.7', 'XL/2,ratio=0.5,stage=2',
   ',runlocal'. The warm start (`config.init_from`) is the dense checkpoint of the same variant (DiT for
   DyDiT; DiG for family "dydig", which takes DyDiT's recipe unchanged)."""
-  arg = common.parse_arg(arg, variant=f"{size}/2", ratio=0.5, stage=1, runlocal=False)
+  arg = common.parse_arg(arg, variant=f"{size}/2", ratio=0.5, stage=1, runlocal=False, objective="diffusion")
   if arg.ratio not in DYDIT_RECIPES:
     raise ValueError(f"DyDiT recipes exist for ratio in {sorted(DYDIT_RECIPES)} (the paper's), got {arg.ratio}; "
                      "for another target take the closest and override --config.dynamic.target_ratio.")
   recipe = DYDIT_RECIPES[arg.ratio]
   if arg.stage not in recipe["steps"]:
     raise ValueError(f"the ratio={arg.ratio} recipe has stage(s) {sorted(recipe['steps'])}, got stage={arg.stage}")
-  config = experiment_config(family, f"{arg.variant}", size)
+  config = experiment_config(family, f"{arg.variant},objective={arg.objective}", size)
   config.seed = 16  # The official runs' --global-seed.
   dense = {"dydit": "DiT", "dydig": "DiG"}[family]
-  config.init_from = (DIT_XL_2_CHECKPOINT if (family, arg.variant) == ("dydit", "XL/2")
-                      else f"{dense}-{size}-{arg.variant[-1]}.pt")
+  if arg.objective == "flow":  # The dense model on flow matching: SiT for DyDiT, a flow-trained DiG for DyDiG.
+    config.init_from = (SIT_XL_2_CHECKPOINT if (family, arg.variant) == ("dydit", "XL/2") else
+                        f"SiT-{size}-{arg.variant[-1]}.pt" if family == "dydit" else
+                        f"DiG-{size}-{arg.variant[-1]}-flow")
+  else:
+    config.init_from = (DIT_XL_2_CHECKPOINT if (family, arg.variant) == ("dydit", "XL/2")
+                        else f"{dense}-{size}-{arg.variant[-1]}.pt")
   config.optimizer.learning_rate = recipe["learning_rate"]
   config.optimizer.skip_update_grad_norm = recipe["skip_update_grad_norm"]
   config.num_train_steps = recipe["steps"][arg.stage]

@@ -12,12 +12,14 @@ import math
 import ml_collections
 
 from dyngen import data as data_lib
+from dyngen import diffusion as diffusion_lib
 from dyngen import models
 from dyngen import sharding
 from dyngen.train import objectives
 from dyngen.train import routing_plan
 
 _INT, _FLOAT, _STR, _BOOL, _INTS, _STRS, _RULES = "int", "float", "str", "bool", "ints", "strs", "rules"
+_FLOAT_PAIR, _OPTIONAL_FLOAT, _OPTIONAL_STR = "float pair", "optional float", "optional str"
 
 # Every trainer field: dotted path -> kind. The defaults live in dyngen/recipes/common.py.
 TRAINER_FIELDS = {
@@ -39,6 +41,12 @@ TRAINER_FIELDS = {
     "optimizer.skip_update_grad_norm": _FLOAT,
     "ema.decay": _FLOAT,
     "ema.warmup": _FLOAT,
+    "objective": _STR,
+    "transport.path_type": _STR,
+    "transport.prediction": _STR,
+    "transport.loss_weight": _OPTIONAL_STR,
+    "transport.train_eps": _OPTIONAL_FLOAT,
+    "transport.sample_eps": _OPTIONAL_FLOAT,
     "diffusion.noise_schedule": _STR,
     "diffusion.diffusion_steps": _INT,
     "diffusion.predict_xstart": _BOOL,
@@ -50,6 +58,13 @@ TRAINER_FIELDS = {
     "sample.sampler": _STR,
     "sample.num_steps": _INT,
     "sample.eta": _FLOAT,
+    "sample.atol": _FLOAT,
+    "sample.rtol": _FLOAT,
+    "sample.diffusion_form": _STR,
+    "sample.diffusion_norm": _FLOAT,
+    "sample.last_step": _STR,
+    "sample.last_step_size": _FLOAT,
+    "sample.guidance_interval": _FLOAT_PAIR,
     "sample.cfg_scale": _FLOAT,
     "sample.guidance_channels": _INT,
     "sample.clip_denoised": _BOOL,
@@ -117,6 +132,12 @@ def _kind_ok(value, kind) -> bool:
     return isinstance(value, (tuple, list)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
   if kind == _STRS:
     return isinstance(value, (tuple, list)) and all(isinstance(v, str) for v in value)
+  if kind == _FLOAT_PAIR:
+    return isinstance(value, (tuple, list)) and len(value) == 2 and all(_kind_ok(v, _FLOAT) for v in value)
+  if kind == _OPTIONAL_FLOAT:
+    return value is None or _kind_ok(value, _FLOAT)
+  if kind == _OPTIONAL_STR:
+    return value is None or isinstance(value, str)
   if kind == _RULES:
     return isinstance(value, (tuple, list)) and all(isinstance(r, (tuple, list)) and len(r) == 2 for r in value)
   raise AssertionError(kind)
@@ -124,7 +145,8 @@ def _kind_ok(value, kind) -> bool:
 
 _KIND_WORDS = {_INT: "an int", _FLOAT: "a number", _STR: "a string", _BOOL: "a bool",
                _INTS: "a tuple of ints", _STRS: "a tuple of strings",
-               _RULES: "a tuple of (logical_name, mesh_axes) pairs"}
+               _RULES: "a tuple of (logical_name, mesh_axes) pairs", _FLOAT_PAIR: "a (low, high) pair of numbers",
+               _OPTIONAL_FLOAT: "a number or None", _OPTIONAL_STR: "a string or None"}
 
 
 def check_fields(config) -> None:
@@ -181,11 +203,7 @@ def check_values(config) -> None:
   _require(config.ema.warmup == 0 or config.ema.warmup > 1,
            f"config.ema.warmup must be 0 (no warm-up) or > 1 (the decay min(decay, (1 + s) / (warmup + s)) "
            f"grows towards 1), got {config.ema.warmup}.")
-  _require(config.sample.sampler in SAMPLERS,
-           f"config.sample.sampler must be one of {SAMPLERS}, got {config.sample.sampler!r}.")
-  _require(config.sample.num_steps <= config.diffusion.diffusion_steps,
-           f"config.sample.num_steps={config.sample.num_steps} exceeds the "
-           f"{config.diffusion.diffusion_steps} steps of the diffusion (config.diffusion.diffusion_steps).")
+  check_objective(config)
   _require(config.evaluation.metric in EVALUATION_METRICS,
            f"config.evaluation.metric must be one of {EVALUATION_METRICS}, got {config.evaluation.metric!r}.")
   if config.evaluation.metric == "digits":
@@ -210,6 +228,7 @@ def check_values(config) -> None:
              f"(config.latent.vae={config.latent.vae!r}); set it to False, as DiT samples latents.")
   model = models.build(config.model)  # Checks the model's own fields and shapes.
   objectives.check_dynamic_config(config)
+  routing_plan.options_for(config.sample)  # The fast path's knobs (width_cap, token_capacity, ...), by name.
   _require(config.sample.guidance_channels <= model.in_channels,
            f"config.sample.guidance_channels={config.sample.guidance_channels} but the model predicts "
            f"{model.in_channels} channel(s); use 0 (guide all channels) or at most {model.in_channels}.")
@@ -219,6 +238,68 @@ def check_values(config) -> None:
              f"config.model.input_size={model.input_size} but config.data.image_size={config.data.image_size}; "
              + (f"the VAE ({config.latent.vae!r}) encodes to 1/{downsample} of the image side, so they must be "
                 f"image_size / {downsample}." if config.latent.vae else "in pixel space they must be equal."))
+
+
+def check_objective(config) -> None:
+  """config.objective with its sampler, config.transport and the flow sampling fields."""
+  objective = config.objective
+  _require(objective in diffusion_lib.transport.OBJECTIVES,
+           f"config.objective must be one of {diffusion_lib.transport.OBJECTIVES}, got {objective!r}.")
+  sample = config.sample
+  if objective == "diffusion":
+    _require(sample.sampler in SAMPLERS,
+             f"config.sample.sampler must be one of {SAMPLERS} with config.objective='diffusion', got "
+             f"{sample.sampler!r}"
+             + (f"; {sample.sampler!r} is a flow-matching sampler: set config.objective='flow' for it." if
+                sample.sampler in diffusion_lib.transport.FLOW_SAMPLERS else "."))
+    _require(sample.num_steps <= config.diffusion.diffusion_steps,
+             f"config.sample.num_steps={sample.num_steps} exceeds the "
+             f"{config.diffusion.diffusion_steps} steps of the diffusion (config.diffusion.diffusion_steps).")
+    _require(tuple(sample.guidance_interval) == (0.0, 1.0),
+             f"config.sample.guidance_interval={tuple(sample.guidance_interval)} is a flow-matching option (t in "
+             "[0, 1]); with config.objective='diffusion' leave it at (0.0, 1.0).")
+    return
+  flow_samplers = diffusion_lib.transport.FLOW_SAMPLERS
+  _require(sample.sampler in flow_samplers,
+           f"config.sample.sampler must be one of {flow_samplers} with config.objective='flow', got "
+           f"{sample.sampler!r}.")
+  try:
+    transport = diffusion_lib.transport_from_config(config.transport)
+  except ValueError as error:
+    raise ValueError(f"config.transport: {error}") from None
+  _require(sample.num_steps >= 2,
+           f"config.sample.num_steps={sample.num_steps}: flow sampling counts time-grid points (SiT's convention) "
+           "and needs >= 2.")
+  low, high = sample.guidance_interval
+  _require(0 <= low <= high <= 1,
+           f"config.sample.guidance_interval={tuple(sample.guidance_interval)} must be (low, high) with "
+           "0 <= low <= high <= 1 (flow times, 0 = noise).")
+  _require(not sample.clip_denoised,
+           "config.sample.clip_denoised=True clamps the diffusion's x_0 estimates; flow-matching samplers have "
+           "none: set it to False with config.objective='flow'.")
+  if sample.sampler == "dopri5":
+    _require(sample.atol > 0 and sample.rtol > 0,
+             f"config.sample.atol={sample.atol} and rtol={sample.rtol} must be > 0 for dopri5.")
+  if sample.sampler in diffusion_lib.transport.FLOW_SDE_SAMPLERS:
+    _require(sample.diffusion_form in diffusion_lib.paths.DIFFUSION_FORMS,
+             f"config.sample.diffusion_form={sample.diffusion_form!r} must be one of "
+             f"{diffusion_lib.paths.DIFFUSION_FORMS}.")
+    last_steps = tuple(step or "" for step in diffusion_lib.transport.LAST_STEPS)
+    _require(sample.last_step in last_steps,
+             f"config.sample.last_step={sample.last_step!r} must be one of {last_steps} (\"\" = none).")
+    if sample.last_step:
+      _require(0 < sample.last_step_size < 1,
+               f"config.sample.last_step_size={sample.last_step_size} must be in (0, 1).")
+    try:  # The SDE's interval (and whether it needs sample_eps) is known now.
+      transport.interval(sde=True, eval=True, diffusion_form=sample.diffusion_form,
+                         last_step_size=sample.last_step_size if sample.last_step else 0.0)
+    except ValueError as error:
+      raise ValueError(f"config.transport: {error}") from None
+  else:
+    try:
+      transport.interval(eval=True)
+    except ValueError as error:
+      raise ValueError(f"config.transport: {error}") from None
 
 
 def imagenet_latents_message(config) -> str:

@@ -1,15 +1,20 @@
 """Training objectives: what one step minimises, chosen by the config (the step itself is shared).
 
-  objective = create_objective(config, model, diffusion)
+  objective = create_objective(config, model, process)    # process: training_process(config)
   loss, metrics = objective(params, batch, keys, step)      # keys = step_keys(state.rng, state.step)
 
-`DiffusionObjective`: DiT's (improved-DDPM) loss, mean_b [L_simple + L_vb].
-`FlopsConstrainedObjective`: DyDiT's fine-tuning under a FLOPs target (config.dynamic),
+The process is a `GaussianDiffusion` (config.objective = "diffusion") or SiT's `Transport` ("flow"); both are
+reached through `dyngen.diffusion.objective_interface`, so every objective below works with either.
+
+`DiffusionObjective`: the process's loss, mean_b of DiT's (improved-DDPM) L_simple + L_vb, or of SiT's
+    flow-matching loss (velocity, score or noise regression).
+`FlopsConstrainedObjective`: DyDiT's fine-tuning under a FLOPs target (config.dynamic), on either process,
     L = L_diffusion(dynamic) + [L_diffusion(complete)] + w · (mean_b ratio_b − λ_t)²,
   λ_t = 1 for the first `hold_steps`, then 1 − (1 − λ)·step / warmup_steps until it reaches λ (the
   official train.py: the ramp is counted from step 0 and the first 100 steps are held at 1), the
   complete-model term as a switch (the official stage 1 adds it, stage 2 not), timesteps stratified by
-  quartile within the batch as a switch (t_i = U{0..T/4−1} + T/4 · (i mod 4)).
+  quartile within the batch as a switch (t_i = U{0..T/4−1} + T/4 · (i mod 4); for flow matching
+  t_i = (u_i + i mod 4) / 4 on the training interval).
 
 Randomness: one key per purpose, `fold_in(fold_in(rng, step), PURPOSE)`, so a purpose added later (the
 Gumbel noise) leaves the timestep, noise and label-dropout draws of other runs with the same seed unchanged.
@@ -17,6 +22,8 @@ Gumbel noise) leaves the timestep, noise and label-dropout draws of other runs w
 import jax
 import jax.numpy as jnp
 import ml_collections
+
+from dyngen import diffusion as diffusion_lib
 
 # Stable ids of the step's random streams (never renumber: runs depend on them).
 KEY_PURPOSES = {"timestep": 0, "noise": 1, "label_dropout": 2, "gumbel": 3, "latent": 4}
@@ -100,13 +107,16 @@ def draw_timesteps(key, batch_size, num_timesteps, stratified):
 
 
 class DiffusionObjective:
-  """mean_b of the diffusion's training loss (L_simple, + L_vb when the variance is learned)."""
+  """mean_b of the process's training loss: a GaussianDiffusion's (L_simple, + L_vb when the variance is
+  learned) or a Transport's (flow matching; a learn_sigma model's second half of channels is unused)."""
 
-  def __init__(self, model, diffusion, stratified_timesteps=False):
-    self.model, self.diffusion, self.stratified_timesteps = model, diffusion, stratified_timesteps
+  def __init__(self, model, process, stratified_timesteps=False):
+    self.model, self.process, self.stratified_timesteps = model, process, stratified_timesteps
+    self.interface = diffusion_lib.objective_interface(process)
 
   def timesteps(self, keys, labels):
-    return draw_timesteps(keys["timestep"], labels.shape[0], self.diffusion.num_timesteps, self.stratified_timesteps)
+    """(B,) int32 diffusion timesteps or float32 flow times in [0, 1], as the model takes them."""
+    return self.interface.draw_training_t(keys["timestep"], labels.shape[0], self.stratified_timesteps)
 
   def __call__(self, params, batch, keys, step):
     del step
@@ -117,7 +127,7 @@ class DiffusionObjective:
       return self.model.apply({"params": params}, x_t, model_t, labels, train=True,
                               rngs={"label_dropout": keys["label_dropout"]})
 
-    terms = self.diffusion.training_losses(model_fn, x_start, t, key=keys["noise"])
+    terms = self.interface.training_losses(model_fn, x_start, t, keys["noise"])
     loss = jnp.mean(terms["loss"])
     return loss, {"loss": loss, "mse": jnp.mean(terms["mse"]), "vb": jnp.mean(terms["vb"])}
 
@@ -125,8 +135,8 @@ class DiffusionObjective:
 class FlopsConstrainedObjective(DiffusionObjective):
   """DyDiT's objective (module docstring). The model returns (out, aux) with aux["flops_ratio"] (B,)."""
 
-  def __init__(self, model, diffusion, dynamic_config):
-    super().__init__(model, diffusion, stratified_timesteps=dynamic_config.stratified_timesteps)
+  def __init__(self, model, process, dynamic_config):
+    super().__init__(model, process, stratified_timesteps=dynamic_config.stratified_timesteps)
     self.dynamic = dynamic_config
 
   def __call__(self, params, batch, keys, step):
@@ -143,7 +153,7 @@ class FlopsConstrainedObjective(DiffusionObjective):
       return apply
 
     # The same noise key gives both passes the same x_t (and the same label dropout), as the official code.
-    terms = self.diffusion.training_losses(model_fn(False), x_start, t, key=keys["noise"])
+    terms = self.interface.training_losses(model_fn(False), x_start, t, keys["noise"])
     diffusion_loss = jnp.mean(terms["loss"])
     aux = captured["dynamic"]
     target = flops_target(step, target_ratio=self.dynamic.target_ratio, hold_steps=self.dynamic.hold_steps,
@@ -153,7 +163,7 @@ class FlopsConstrainedObjective(DiffusionObjective):
     metrics = {"mse": jnp.mean(terms["mse"]), "vb": jnp.mean(terms["vb"]), "diffusion_loss": diffusion_loss,
                "flops_loss": constraint, "flops_ratio": jnp.mean(aux["flops_ratio"]), "flops_target": target}
     if self.dynamic.complete_model_loss:
-      complete_terms = self.diffusion.training_losses(model_fn(True), x_start, t, key=keys["noise"])
+      complete_terms = self.interface.training_losses(model_fn(True), x_start, t, keys["noise"])
       complete_loss = jnp.mean(complete_terms["loss"])
       loss = loss + complete_loss
       metrics["complete_diffusion_loss"] = complete_loss
@@ -166,12 +176,13 @@ class FlopsConstrainedObjective(DiffusionObjective):
     return loss, metrics
 
 
-def create_objective(config, model, diffusion):
-  """The objective of `config`: FLOPs-constrained for the routed families, the diffusion loss otherwise."""
+def create_objective(config, model, process):
+  """The objective of `config` on `process` (a GaussianDiffusion or a Transport, see `training_process`):
+  FLOPs-constrained for the routed families, the process's loss otherwise."""
   check_dynamic_config(config)
   if config.model.name in DYNAMIC_FAMILIES:
-    return FlopsConstrainedObjective(model, diffusion, config.dynamic)
-  return DiffusionObjective(model, diffusion)
+    return FlopsConstrainedObjective(model, process, config.dynamic)
+  return DiffusionObjective(model, process)
 
 
 def is_dynamic(model_config) -> bool:

@@ -45,6 +45,37 @@ def sampling_diffusion(diffusion_config, sample_config, learn_sigma: bool):
                                         **diffusion_config.to_dict())
 
 
+def sampling_process(diffusion_config, sample_config, learn_sigma: bool, transport_config=None):
+  """What the sampler runs: SiT's Transport of `transport_config` (flow matching; its grid is
+  `sample_config.num_steps` points), or else the respaced diffusion (`sampling_diffusion`)."""
+  if transport_config is not None:
+    return diffusion_lib.transport_from_config(transport_config)
+  return sampling_diffusion(diffusion_config, sample_config, learn_sigma)
+
+
+def flow_fast_path_unsupported(sample_config) -> str:
+  """Why the routed fast path cannot run this flow-matching sampler ("" when it can: the fixed-step ODEs)."""
+  if sample_config.sampler not in ("euler", "heun2"):
+    return (f"the fast path runs the fixed-step ODE samplers 'euler' and 'heun2', not {sample_config.sampler!r}; "
+            "set config.sample.sampler to one of them for it")
+  if tuple(sample_config.guidance_interval) != (0.0, 1.0):
+    return "the fast path guides at every step; a config.sample.guidance_interval runs masked"
+  return ""
+
+
+def flow_schedule(transport, sample_config) -> routing_plan.SamplingSchedule:
+  """The flow ODE sampler of `sample_config` (euler / heun2 on num_steps grid points) as the fast path's
+  schedule, one entry per model evaluation (`Transport.ode_evaluations`): the samples of the masked loop."""
+  model_times, init, update, result = transport.ode_evaluations(sample_config.sampler, sample_config.num_steps)
+  return routing_plan.SamplingSchedule(model_times, update, init=init, result=result)
+
+
+def flow_transport_config(config):
+  """config.transport when the run's config.objective is "flow", else None (checkpoints older than the
+  objective field trained the diffusion)."""
+  return config.transport if config.get("objective", "diffusion") == "flow" else None
+
+
 def to_uint8(images) -> np.ndarray:
   """[-1, 1] floats -> uint8 as DiT's sample_ddp.py: clip(127.5 x + 128, 0, 255), truncated."""
   return np.clip(127.5 * np.asarray(images, np.float32) + 128.0, 0, 255).astype(np.uint8)
@@ -72,13 +103,16 @@ class Sampler:
   """Jitted sampling of a model under a mesh; one compiled program per (batch, cfg on/off)."""
 
   def __init__(self, model: nn.Module, diffusion_config, sample_config, *, mesh: jax.sharding.Mesh, rules,
-               param_shardings=None, decode=None):
+               param_shardings=None, decode=None, transport_config=None):
     self.model = model
     # Model space -> images in [-1, 1] (float (N, H, W, C) in, numpy out), e.g. an SD-VAE's decoder of
     # latents / scale_factor; None: the model samples images.
     self.decode = decode
     self.sample_config = sample_config
-    self.diffusion = sampling_diffusion(diffusion_config, sample_config, model.learn_sigma)
+    # transport_config (a run's config.transport when config.objective is "flow"): flow matching.
+    self.process = sampling_process(diffusion_config, sample_config, model.learn_sigma, transport_config)
+    self.interface = diffusion_lib.objective_interface(self.process)
+    self.diffusion = None if self.interface.is_flow else self.process  # The Gaussian diffusion, if that.
     self.mesh = mesh
     self.rules = sharding.rules_as_tuples(rules)
     self.batch_sharding = sharding.batch_sharding(mesh, self.rules)
@@ -91,11 +125,17 @@ class Sampler:
     # DyDiT / DyDiG: the fast path (default) or the masked reference, and the fast path's knobs.
     routing, self.routing_options = routing_plan.options_for(sample_config)
     self.fast = routing_plan.has_fast_path(model) and routing == "fast"
+    if self.fast and self.interface.is_flow:
+      unsupported = flow_fast_path_unsupported(sample_config)
+      if unsupported:
+        logging.info("Routed model on flow matching: sampling on the masked path (%s).", unsupported)
+        self.fast = False
     self.fast_sampler = None
     if self.fast:
       replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
       # The process as the fast path steps it (per model evaluation: the model's t and the update).
-      self.schedule = routing_plan.gaussian_schedule(self.diffusion, sample_config)
+      self.schedule = (flow_schedule(self.process, sample_config) if self.interface.is_flow
+                       else routing_plan.gaussian_schedule(self.diffusion, sample_config))
       self.fast_sampler = routing_plan.FastSampler(model, self.schedule, sample_config,
                                                    param_shardings=param_shardings,
                                                    batch_sharding=self.batch_sharding, replicated=replicated)
@@ -132,9 +172,13 @@ class Sampler:
           min_steps_per_segment=min(lengths), max_steps_per_segment=max(lengths))
     return summary
 
+  def sampling_times(self) -> np.ndarray:
+    """The model's t at the start of each sampling step, in run order (T-1 first; flow: 0 = noise first)."""
+    return self.interface.sampling_times(self.sample_config)
+
   def _sample_fn(self, guided: bool):
     config = self.sample_config
-    model, diffusion = self.model, self.diffusion
+    model, interface = self.model, self.interface
     channels = config.guidance_channels or None
     loop_progress = self.loop_progress
 
@@ -144,21 +188,19 @@ class Sampler:
       x_T = nn.with_logical_constraint(x_T, ("batch", None, None, None))
 
       def model_fn_of(apply_fn):
+        if guided and interface.is_flow:  # SiT's guidance, within config.guidance_interval of flow time
+          return diffusion_lib.interval_guided_model_fn(apply_fn, y, cfg_scale, tuple(config.guidance_interval),
+                                                        channels, num_classes=model.num_classes)
         if guided:
           return diffusion_lib.guided_model_fn(apply_fn, y, cfg_scale, channels, num_classes=model.num_classes)
         return lambda x, t: apply_fn(x, t, y)
 
       if model.returns_aux:
-        out, stats = routed_sample_loop(diffusion, model, params, model_fn_of, x_T, loop_key, config,
+        out, stats = routed_sample_loop(interface.process, model, params, model_fn_of, x_T, loop_key, config,
                                         loop_progress=loop_progress)
       else:
-        model_fn = model_fn_of(models.prediction_fn(model, params))
-        if config.sampler == "ddim":
-          out = diffusion.ddim_sample_loop(model_fn, x_T, key=loop_key, clip_denoised=config.clip_denoised,
-                                           eta=config.eta, progress=loop_progress)
-        else:
-          out = diffusion.p_sample_loop(model_fn, x_T, key=loop_key, clip_denoised=config.clip_denoised,
-                                        progress=loop_progress)
+        out = interface.sample_loop(model_fn_of(models.prediction_fn(model, params)), x_T, loop_key, config,
+                                    progress=loop_progress)
         stats = {}
       return out[:labels.shape[0]], stats
 
@@ -258,7 +300,7 @@ class Sampler:
     meter = progress.Meter("Sampling", total=len(labels), unit="images", log_last=num_chunks > 1)
     if num_chunks > 1:
       logging.info("Sampling %d images in %d batches of %d (%d %s steps each).", len(labels), num_chunks,
-                   batch_size, self.diffusion.num_timesteps, self.sample_config.sampler.upper())
+                   batch_size, len(self.sampling_times()), self.sample_config.sampler.upper())
     try:
       for index, start in enumerate(range(0, len(labels), batch_size)):
         chunk = labels[start:start + batch_size]
@@ -283,15 +325,33 @@ class Sampler:
 
 
 def routed_sample_loop(diffusion, model, params, model_fn_of, x_T, key, sample_config, loop_progress=None):
-  """The diffusion's DDPM / DDIM loop for a model that returns (out, aux), as one lax.scan, with aux kept.
+  """The sampling loop for a model that returns (out, aux), as one lax.scan, with aux kept.
 
-  The same steps, noise and keys as `GaussianDiffusion.p_sample_loop` / `ddim_sample_loop` (step k of S
-  draws from the k-th of `split(key, S)`), so the samples equal theirs; each step also records the batch's
-  mean FLOPs ratio of the rows it ran (conditional and null rows: both cost compute). `loop_progress`
-  (a `dyngen.progress.LoopProgress`) reports steps to the host from inside the loop.
+  Diffusion: the same steps, noise and keys as `GaussianDiffusion.p_sample_loop` / `ddim_sample_loop`
+  (step k of S draws from the k-th of `split(key, S)`), so the samples equal theirs. Flow (`diffusion` a
+  `Transport`): the loop of `ObjectiveInterface.sample_loop`, with its samples. Each model evaluation
+  records the batch's mean FLOPs ratio of the rows it ran (conditional and null rows: both cost compute).
+  `loop_progress` (a `dyngen.progress.LoopProgress`) reports steps to the host from inside the loop.
 
-  Returns: (x_0 (B, H, W, C), {"flops_ratio": (S,)}).
+  Returns: (x_0 (B, H, W, C), {"flops_ratio": (E,)}): E = S steps for the diffusion; for flow one entry per
+  model evaluation (2 per Heun step, + 1 for an SDE's last step).
   """
+  if isinstance(diffusion, diffusion_lib.Transport):
+    captured = {}
+
+    def apply_flow(x, t, y):
+      out, aux = model.apply({"params": params}, x, t, y, train=False)
+      captured["flops_ratio"] = jnp.mean(aux["flops_ratio"])
+      return out
+
+    guided_fn = model_fn_of(apply_flow)
+
+    def model_fn_with_aux(x, t):  # read back right after the call, within the same trace
+      out = guided_fn(x, t)
+      return out, {"flops_ratio": captured.pop("flops_ratio")}
+
+    return diffusion_lib.objective_interface(diffusion).sample_loop(model_fn_with_aux, x_T, key, sample_config,
+                                                                    with_aux=True, progress=loop_progress)
   num_steps = diffusion.num_timesteps
   indices = jnp.arange(num_steps - 1, -1, -1, dtype=jnp.int32)
   ddim, eta = sample_config.sampler == "ddim", sample_config.eta
@@ -329,7 +389,8 @@ def notebook_sampler(config, devices=None) -> Sampler:
   mesh = jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   return Sampler(models.build(config.model), config.diffusion, config.sample, mesh=mesh,
-                 rules=((sharding.BATCH_AXIS, "data"),), param_shardings=replicated)
+                 rules=((sharding.BATCH_AXIS, "data"),), param_shardings=replicated,
+                 transport_config=flow_transport_config(config))
 
 
 def image_grid(images: np.ndarray, columns: int | None = None, padding: int = 2) -> np.ndarray:

@@ -56,6 +56,14 @@ def training_diffusion(config):
                                         **config.diffusion.to_dict())
 
 
+def training_process(config):
+  """What `config.objective` trains: the diffusion (`training_diffusion`) or SiT's transport of
+  config.transport ("flow")."""
+  if config.objective == "flow":
+    return diffusion_lib.transport_from_config(config.transport)
+  return training_diffusion(config)
+
+
 class Run:
   """What `train_and_evaluate` and `sample` set up from a config: model, mesh, shardings, abstract state."""
 
@@ -112,7 +120,7 @@ class Run:
     return state.replace(params=params, ema_params=ema_params)
 
   def compiled_train_step(self):
-    objective = objectives.create_objective(self.config, self.model, training_diffusion(self.config))
+    objective = objectives.create_objective(self.config, self.model, training_process(self.config))
     step_fn = functools.partial(step_lib.train_step, objective=objective,
                                 optimizer=self.optimizer, learning_rate_fn=self.learning_rate_fn,
                                 ema_decay=self.config.ema.decay, ema_warmup=self.config.ema.warmup)
@@ -121,6 +129,7 @@ class Run:
 
   def sampler(self) -> sample_lib.Sampler:
     return sample_lib.Sampler(self.model, self.config.diffusion, self.config.sample, mesh=self.mesh,
+                              transport_config=sample_lib.flow_transport_config(self.config),
                               rules=self.rules, param_shardings=self.state_shardings.ema_params,
                               decode=self.decode_latents if self.config.latent.vae else None)
 
@@ -205,9 +214,10 @@ def write_sample_grid(run: Run, sampler: sample_lib.Sampler, params, step: int, 
 
 def width_picture(model, params, timesteps) -> np.ndarray:
   """uint8 picture of a routed model's widths: bands of rows are layers (head fractions on top, MLP-group
-  fractions below, a white separator), columns the sampling steps from t = max (left) to 0; white = full."""
+  fractions below, a white separator), columns the sampling steps in run order (`timesteps`, the model's t
+  at each step: from T-1 to 0 for the diffusion, from 0 = noise up for flow matching); white = full."""
   from dyngen.models import dydit  # Local import: only routed families have widths.
-  timesteps = np.asarray(sorted(timesteps, reverse=True), np.int32)
+  timesteps = np.asarray(timesteps)
   masks = jax.device_get(dydit.width_masks(model, params, jnp.asarray(timesteps)))
   head, mlp = (masks[name].mean(-1).T for name in ("head_mask", "mlp_mask"))  # (L, S) fractions
   gray = np.concatenate([head, np.ones((1, head.shape[1])), mlp], axis=0)
@@ -217,7 +227,7 @@ def width_picture(model, params, timesteps) -> np.ndarray:
 
 
 def write_width_picture(run: Run, sampler: sample_lib.Sampler, params, step: int, writer, workdir) -> str:
-  picture = width_picture(run.model, params, sampler.diffusion.timestep_map)
+  picture = width_picture(run.model, params, sampler.sampling_times())
   writer.write_images(step, {"widths": picture[None]})
   path = epath.Path(workdir) / SAMPLES_SUBDIR / f"widths_step_{step}.png"
   if jax.process_index() == 0:
@@ -457,10 +467,27 @@ def _flatten(tree, prefix=""):
 
 
 def _with_checkpoint_settings(config, saved_config):
-  """`config` with the model, diffusion and latent settings the checkpoint was trained with (they decide what
-  the weights mean); a difference from --config is logged, never silently used."""
+  """`config` with the model, objective, diffusion / transport and latent settings the checkpoint was trained
+  with (they decide what the weights mean); a difference from --config is logged, never silently used. When
+  the checkpoint's objective is not --config's and --config's sampler is not one of that objective's, the
+  checkpoint's sampling fields are taken too (also logged)."""
   config = ml_collections.ConfigDict(config.to_dict())
-  for section in ("model", "diffusion", "latent"):
+  saved_objective = saved_config.get("objective", "diffusion")  # Checkpoints from before flow matching.
+  if config.objective != saved_objective:
+    logging.warning("config.objective=%r differs from the checkpoint's; sampling with the checkpoint's: %r",
+                    config.objective, saved_objective)
+    config.objective = saved_objective
+    samplers = (diffusion_lib.transport.FLOW_SAMPLERS if saved_objective == "flow"
+                else diffusion_lib.transport.DIFFUSION_SAMPLERS)
+    if config.sample.sampler not in samplers and "sample" in saved_config:
+      logging.warning("config.sample.sampler=%r is not a %s sampler; sampling with the checkpoint's sampler %r "
+                      "and %d steps.", config.sample.sampler, saved_objective, saved_config.sample.sampler,
+                      saved_config.sample.num_steps)
+      for field in ("sampler", "num_steps", "atol", "rtol", "diffusion_form", "diffusion_norm", "last_step",
+                    "last_step_size", "clip_denoised", "eta"):
+        if field in saved_config.sample:
+          config.sample[field] = saved_config.sample[field]
+  for section in ("model", "diffusion", "latent") + (("transport",) if saved_objective == "flow" else ()):
     if section not in saved_config:
       continue
     ours, theirs = (checkpoint.config_to_json_dict(c[section]) for c in (config, saved_config))
