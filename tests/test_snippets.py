@@ -56,6 +56,8 @@ SKIPPED = {
     "tfds build imagenet2012": "needs the ILSVRC2012 tars (manual download)",
     "huggingface-cli download": "a download (no network here)",
     "wget ": "a download (no network here)",
+    "bash launch/localhost.sh 2 4": "two processes training together (minutes on 2 cores); tests/test_multiprocess.py "
+        "starts exactly the commands this launcher prints in its dry run",
     "python -m dyngen.latent.extract --data=imagenet2012":
         "ImageNet as tfds and the SD-VAE weights; the same CLI runs on a synthetic ImageNet-layout folder "
         "in tests/test_imagenet_end_to_end.py",
