@@ -20,6 +20,7 @@ from dyngen.models import dydit
 from dyngen.models import dydit_fast
 from dyngen.models import flops
 from dyngen.models import layers
+from dyngen.train import config_checks
 from dyngen.train import routing_plan
 from dyngen.train import sample as sample_lib
 
@@ -346,3 +347,37 @@ def test_calibration_over_several_batches_takes_the_most_wanted(model_and_params
 def test_bad_calibration_batches_are_refused():
   with pytest.raises(ValueError, match=r"config\.sample\.calibration_batches=0 must be a positive int"):
     routing_plan.options_for(ml_collections.ConfigDict(dict(calibration_batches=0)))
+
+
+@pytest.mark.parametrize("fast_and_masked", [("ddpm", 3.0)], indirect=True, ids=["ddpm-guided"])
+def test_batch_pooled_tokens_equal_masked(model_and_params, fast_and_masked):
+  """token_pooling="batch": the top B·k tokens of the batch, k calibrated on the batch's mean wanted count
+  (below the largest row's somewhere): still the masked samples, nothing cut, less executed."""
+  model, params = model_and_params
+  run = fast_and_masked
+  pooled = make_sampler(model, "fast", "ddpm", token_pooling="batch")
+  images = pooled.sample_batch(params, LABELS, KEY, run["cfg_scale"])
+  plan, per_row = pooled.last_plan, run["fast"].last_plan
+  assert plan.pooled_tokens and not per_row.pooled_tokens
+  assert np.all(plan.capacities[..., 2] <= per_row.capacities[..., 2])
+  assert np.any(plan.capacities[..., 2] < per_row.capacities[..., 2])
+  assert_samples_close(images, run["masked_images"])
+  summary = pooled.routing_summary()
+  assert summary["tokens_cut"] == 0
+  assert summary["flops_ratio_executed"] < run["fast"].routing_summary()["flops_ratio_executed"]
+  np.testing.assert_allclose(summary["flops_ratio"], run["masked"].routing_summary()["flops_ratio"], rtol=1e-6)
+
+
+def test_bad_token_pooling_is_refused():
+  with pytest.raises(ValueError, match=r"config\.sample\.token_pooling='rows' must be one of \('row', 'batch'\)"):
+    routing_plan.options_for(ml_collections.ConfigDict(dict(token_pooling="rows")))
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("width_cap", 1.5, r"config\.sample\.width_cap=1\.5 must be in \(0, 1\]"),
+    ("token_capacity", 0.0, r"config\.sample\.token_capacity=0\.0 must be in \(0, 1\]"),
+    ("calibration_batches", 0, r"config\.sample\.calibration_batches=0 must be a positive int"),
+    ("token_pooling", "rows", r"config\.sample\.token_pooling='rows' must be one of")])
+def test_the_config_checks_refuse_bad_knobs_before_any_run(tiny_config, field, value, message):
+  with pytest.raises(ValueError, match=message):
+    config_checks.check_config(tiny_config(**{f"sample__{field}": value}), num_devices=1)

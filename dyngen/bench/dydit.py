@@ -56,7 +56,7 @@ from dyngen.train import routing_plan
 from dyngen.train import sample as sample_lib
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("families", ["dydit"], "Routed families: dydit (against DiT), dydig (against DiG).")
+flags.DEFINE_list("families", ["dydit", "dydig"], "Routed families: dydit (against DiT), dydig (against DiG).")
 flags.DEFINE_list("variants", ["S/2", "XL/2"], "Model sizes/patches.")
 flags.DEFINE_list("ratios", ["0.5", "0.7"], "Target FLOPs ratios the routers are placed at.")
 flags.DEFINE_integer("steps", 10, "DDPM steps.")
@@ -66,11 +66,15 @@ flags.DEFINE_integer("repeats", 3, "Timed runs of each path (interleaved).")
 flags.DEFINE_integer("warmup", 1, "Untimed runs of each path first (every program is compiled before either).")
 flags.DEFINE_integer("max_programs", 4, "The fast path's program budget (config.sample.max_programs).")
 flags.DEFINE_integer("token_buckets", 32, "Calibrated token counts round up to multiples of N / token_buckets.")
+flags.DEFINE_enum("token_pooling", "row", routing_plan.TOKEN_POOLING,
+                  "The fast path's token pooling (config.sample.token_pooling).")
 flags.DEFINE_float("width_cap", 1.0, "The fast path's width cap (config.sample.width_cap).")
 flags.DEFINE_float("token_capacity", 1.0, "The fast path's token capacity cap (config.sample.token_capacity).")
 flags.DEFINE_integer("placement_passes", 1, "Sampling passes placing the token-router biases (see above).")
 flags.DEFINE_bool("knob_curve", False, "Measure the compute knob on --checkpoint instead (see above).")
 flags.DEFINE_string("checkpoint", "", "--knob_curve: a trained routed run's workdir (or checkpoint folder).")
+flags.DEFINE_string("dense_checkpoint", "", "--knob_curve: the dense model for the last row (default: "
+                    "<checkpoint>/pretrain, the warm start the routed quickstarts train first, when there).")
 flags.DEFINE_list("knobs", ["1:1", "0.75:1", "1:0.75", "0.75:0.75", "0.5:0.75", "0.5:0.5"],
                   "--knob_curve: width_cap:token_capacity pairs.")
 flags.DEFINE_integer("num_samples", 0, "--knob_curve: samples per setting (0: config.evaluation.num_samples).")
@@ -201,11 +205,12 @@ def bench_one(family, variant, target, sample_config, diffusion):
   masked_compile = time.perf_counter() - start
 
   options = routing_plan.RoutingOptions(width_cap=FLAGS.width_cap, token_capacity=FLAGS.token_capacity,
-                                        token_buckets=FLAGS.token_buckets, max_programs=FLAGS.max_programs)
+                                        token_buckets=FLAGS.token_buckets, max_programs=FLAGS.max_programs,
+                                        token_pooling=FLAGS.token_pooling)
   start = time.perf_counter()
   schedule = routing_plan.gaussian_schedule(diffusion, sample_config)
   counts = routing_plan.calibrate_token_counts(schedule, model, params, x_T, y, FLAGS.cfg_scale, loop_key,
-                                               sample_config)
+                                               sample_config, pooled=FLAGS.token_pooling == "batch")
   calibration_s = time.perf_counter() - start
   start = time.perf_counter()
   plan = routing_plan.make_plan(model, params, schedule.model_timesteps, options, token_counts=counts)
@@ -334,7 +339,7 @@ def run_knob_curve():
     rows.append(knob_row(f"fast {knob}", config, params, evaluator, routing="fast", width_cap=width_cap,
                          token_capacity=token_capacity, max_programs=FLAGS.max_programs))
   rows.append(knob_row("masked", config, params, evaluator, routing="masked"))
-  pretrain = epath.Path(FLAGS.checkpoint) / "pretrain"
+  pretrain = epath.Path(FLAGS.dense_checkpoint or epath.Path(FLAGS.checkpoint) / "pretrain")
   if pretrain.exists():
     dense_config, dense_params = checkpoint_lib.load_for_inference(pretrain)
     rows.append(knob_row(f"dense ({dense_config.model.name})", dense_config, dense_params, evaluator))

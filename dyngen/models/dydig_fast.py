@@ -60,9 +60,10 @@ def gather_block(model: dydig.Model, p, plan: dydit_fast.BlockPlan):
       head_fraction=jnp.sum(plan.head_mask) / model.num_heads, group_fraction=jnp.sum(plan.group_mask) / groups)
 
 
-def block(model: dydig.Model, g, x, cond: layers.Conditioning, tokens: int, index: int):
+def block(model: dydig.Model, g, x, cond: layers.Conditioning, tokens: int, index: int, pooled: bool = False):
   """DyDiG block `index` of the direction schedule on its gathered slices g (`gather_block`). x: (B, N, D)
-  in physical order. Returns (x, stats) as `dydit_fast.token_routed_update`."""
+  in physical order; tokens, pooled: the token capacity. Returns (x, stats) as
+  `dydit_fast.token_routed_update`."""
   dtype = model.compute_dtype
   stats_dtype = layers.at_least_float32(dtype)
   batch, num_tokens, width = x.shape
@@ -93,13 +94,14 @@ def block(model: dydig.Model, g, x, cond: layers.Conditioning, tokens: int, inde
   out = dydit_fast.linear(o.reshape(batch, num_tokens, -1), g["o_kernel"], None, dtype)
   x = x + gate_msa[:, None] * out
 
-  def mlp_update(x_rows):  # (B, k, D) -> (B, k, D), the gated SwiGLU update of those tokens
-    h = layers.modulate(layers.layer_norm(dtype).apply({}, x_rows), shift_mlp, scale_mlp).astype(dtype)
-    gate_value = dydit_fast.linear(h, g["gate_value_kernel"], None, dtype).reshape(*h.shape[:-1], 2, -1)
+  def mlp_update(x_rows, per_token):  # (B', k, D) -> (B', k, D), the gated SwiGLU update of those tokens
+    h = layers.layer_norm(dtype).apply({}, x_rows) * (1 + per_token(scale_mlp)) + per_token(shift_mlp)
+    gate_value = dydit_fast.linear(h.astype(dtype), g["gate_value_kernel"], None, dtype)
+    gate_value = gate_value.reshape(*h.shape[:-1], 2, -1)
     hidden = jax.nn.silu(gate_value[..., 0, :]) * gate_value[..., 1, :]
-    return gate_mlp[:, None] * dydit_fast.linear(hidden, g["down_kernel"], None, dtype)
+    return per_token(gate_mlp) * dydit_fast.linear(hidden, g["down_kernel"], None, dtype)
 
-  x, stats = dydit_fast.token_routed_update(model, g["token_router"], x, mlp_update, tokens)
+  x, stats = dydit_fast.token_routed_update(model, g["token_router"], x, mlp_update, tokens, pooled)
   x = dig.DepthwiseConv(model.grid_size, dtype=dtype).apply({"params": g["dw_conv"]}, x, rotate=reverse)
   return (dig.transpose_grid(x, model.grid_size) if reverse else x), stats
 

@@ -80,10 +80,9 @@ def gather_block(model: dydit.Model, p, plan: BlockPlan):
       head_fraction=jnp.sum(plan.head_mask) / heads, group_fraction=jnp.sum(plan.group_mask) / heads)
 
 
-def block(model: dydit.Model, g, x, cond: layers.Conditioning, tokens: int, index: int = 0):
-  """One DyDiT block on its gathered slices g (`gather_block`). x: (B, N, D); index: its place (unused).
-
-  Returns (x, stats) as `token_routed_update`.
+def block(model: dydit.Model, g, x, cond: layers.Conditioning, tokens: int, index: int = 0, pooled: bool = False):
+  """One DyDiT block on its gathered slices g (`gather_block`). x: (B, N, D); index: its place (unused);
+  tokens, pooled: the token capacity (`token_routed_update`). Returns (x, stats) as `token_routed_update`.
   """
   del index
   dtype = model.compute_dtype
@@ -101,35 +100,49 @@ def block(model: dydit.Model, g, x, cond: layers.Conditioning, tokens: int, inde
   out = linear(out.reshape(batch, num_tokens, -1), g["proj_kernel"], g["proj_bias"], dtype)
   x = x + gate_msa[:, None] * out
 
-  def mlp_update(x_rows):  # (B, k, D) -> (B, k, D), the gated MLP update of those tokens
-    h = layers.modulate(_layer_norm(x_rows, dtype), shift_mlp, scale_mlp).astype(dtype)
-    h = jax.nn.gelu(linear(h, g["fc1_kernel"], g["fc1_bias"], dtype), approximate=True)
-    return gate_mlp[:, None] * linear(h, g["fc2_kernel"], g["fc2_bias"], dtype)
+  def mlp_update(x_rows, per_token):  # (B', k, D) -> (B', k, D), the gated MLP update of those tokens
+    h = _layer_norm(x_rows, dtype) * (1 + per_token(scale_mlp)) + per_token(shift_mlp)  # `layers.modulate`
+    h = jax.nn.gelu(linear(h.astype(dtype), g["fc1_kernel"], g["fc1_bias"], dtype), approximate=True)
+    return per_token(gate_mlp) * linear(h, g["fc2_kernel"], g["fc2_bias"], dtype)
 
-  return token_routed_update(model, g["token_router"], x, mlp_update, tokens)
+  return token_routed_update(model, g["token_router"], x, mlp_update, tokens, pooled)
 
 
-def token_routed_update(model, token_router, x, mlp_update, tokens: int):
+def token_routed_update(model, token_router, x, mlp_update, tokens: int, pooled: bool = False):
   """x + the MLP update of the tokens the router wants, at most `tokens` of them (both routed families).
 
   token_router: the block's token-router parameters, read on x (the stream after the attention update, as
-  the masked block); mlp_update(x_rows (B, k, D)) -> (B, k, D): the gated update of those rows.
+  the masked block); mlp_update(x_rows (B', k, D), per_token) -> (B', k, D): the gated update of those
+  rows, where per_token(a) maps a per-row (B, D) modulation to the tokens of x_rows (broadcastable).
+  pooled: `tokens` per row on average, the top B·tokens of the whole batch (a row may run more than
+  `tokens`, another fewer); else the top `tokens` of each row.
   Returns (x, stats) with stats of (B,) rows: wanted (tokens the router wanted), kept (wanted and within
   the capacity: those whose MLP update was added), unwanted_run (selected tokens the router did not want).
   """
-  batch, num_tokens, _ = x.shape
+  batch, num_tokens, width = x.shape
   logits = dydit.TokenRouter(model.compute_dtype).apply({"params": token_router}, x)  # (B, N)
   wanted = dydit.binarize(logits, train=False, tau=model.router_tau, threshold=model.router_threshold)
+  per_row = lambda a: a[:, None]
   if tokens >= num_tokens:
-    update = mlp_update(x)
+    update = mlp_update(x, per_row)
     x = x + wanted[..., None].astype(update.dtype) * update
     kept = jnp.sum(wanted, axis=-1)
     unwanted_run = num_tokens - kept
+  elif pooled:
+    chosen = jnp.sort(jax.lax.top_k(logits.reshape(-1), batch * tokens)[1])  # (B·k,) flat token indices
+    rows = chosen // num_tokens
+    chosen_wanted = wanted.reshape(-1)[chosen]
+    flat = x.reshape(-1, width)
+    update = mlp_update(flat[chosen][None], lambda a: jnp.take(a, rows, axis=0)[None])[0]
+    x = flat.at[chosen].add(chosen_wanted[:, None].astype(update.dtype) * update, indices_are_sorted=True,
+                            unique_indices=True).reshape(x.shape)
+    kept = jnp.zeros((batch,), chosen_wanted.dtype).at[rows].add(chosen_wanted)
+    unwanted_run = jnp.zeros((batch,), chosen_wanted.dtype).at[rows].add(1 - chosen_wanted)
   else:
     # Sorted indices: the gather and the scatter walk memory in order.
     chosen = jnp.sort(jax.lax.top_k(logits, tokens)[1], axis=-1)  # (B, k)
     chosen_wanted = jnp.take_along_axis(wanted, chosen, axis=-1)
-    update = mlp_update(jnp.take_along_axis(x, chosen[..., None], axis=1))
+    update = mlp_update(jnp.take_along_axis(x, chosen[..., None], axis=1), per_row)
     rows = jnp.arange(batch)[:, None]
     x = x.at[rows, chosen].add(chosen_wanted[..., None].astype(update.dtype) * update, indices_are_sorted=True,
                                unique_indices=True)
@@ -144,8 +157,8 @@ class Family(NamedTuple):
 
   gather_block(model, block params, BlockPlan) -> the block's slices (a dict of arrays holding
     head_fraction and group_fraction, the fractions of heads / groups with mask 1);
-  block(model, slices, x (B, N, D), cond, tokens, index) -> (x, stats as `token_routed_update`); index is
-    the block's place in the stack (a Python int).
+  block(model, slices, x (B, N, D), cond, tokens, index, pooled) -> (x, stats as `token_routed_update`);
+    index is the block's place in the stack (a Python int); tokens, pooled as `token_routed_update`'s.
   """
   gather_block: Callable
   block: Callable
@@ -161,14 +174,18 @@ def gather(model: dydit.Model, params, plans, family: Family | None = None):
                               else params[f"blocks_{index}"], plan) for index, plan in enumerate(plans)]
 
 
-def forward(model: dydit.Model, params, x, t, y, plans, capacities, family: Family | None = None):
+def forward(model: dydit.Model, params, x, t, y, plans, capacities, family: Family | None = None,
+            pooled_tokens: bool = False):
   """`forward_gathered` on the slices of `plans` (one `BlockPlan` per block)."""
-  return forward_gathered(model, params, gather(model, params, plans, family), x, t, y, capacities, family)
+  return forward_gathered(model, params, gather(model, params, plans, family), x, t, y, capacities, family,
+                          pooled_tokens)
 
 
-def forward_gathered(model: dydit.Model, params, blocks, x, t, y, capacities, family: Family | None = None):
+def forward_gathered(model: dydit.Model, params, blocks, x, t, y, capacities, family: Family | None = None,
+                     pooled_tokens: bool = False):
   """The routed model's forward pass on gathered slices (the family's blocks; default DyDiT's).
-  x: (B, H, W, C); t, y: (B,).
+  x: (B, H, W, C); t, y: (B,); pooled_tokens: the token capacities pooled over the batch
+  (`token_routed_update`'s `pooled`).
 
   params: the model's parameters (only the embedders and the final layer are read); blocks: `gather(...)`;
   capacities: one (heads, groups, tokens) per block, heads and groups equal to the gathered counts.
@@ -195,7 +212,7 @@ def forward_gathered(model: dydit.Model, params, blocks, x, t, y, capacities, fa
   ratio = jnp.zeros((x.shape[0],), stats)
   totals = {}
   for index, (g, (_, _, capacity)) in enumerate(zip(blocks, capacities)):
-    tokens, block_stats = family.block(model, g, tokens, cond, capacity, index)
+    tokens, block_stats = family.block(model, g, tokens, cond, capacity, index, pooled_tokens)
     ratio = ratio + (g["head_fraction"].astype(stats) * weight_a + g["group_fraction"].astype(stats)
                      * block_stats["kept"].astype(stats) / model.num_tokens * weight_m)
     for name, value in block_stats.items():

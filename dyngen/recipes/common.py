@@ -150,6 +150,7 @@ def training_config() -> ml_collections.ConfigDict:
       token_capacity=1.0,  # Fast path: at most this fraction of tokens per block through the MLP, in (0, 1].
       calibrate_tokens=True,  # Fast path: token capacities from the router on the first batch (else the cap).
       calibration_batches=1,  # Fast path: calibrate on this many batches (the first, then fresh noise for it).
+      token_pooling="row",  # Fast path: "row" (capacity per row) or "batch" (per row on average over the batch).
       capacity_buckets=4,  # Fast path: head / group counts rounded up to multiples of H / capacity_buckets.
       max_programs=8,  # Fast path: at most this many compiled programs (segments) per batch shape.
   ))

@@ -79,6 +79,7 @@ TRAINER_FIELDS = {
     "sample.token_capacity": _FLOAT,
     "sample.calibrate_tokens": _BOOL,
     "sample.calibration_batches": _INT,
+    "sample.token_pooling": _STR,
     "sample.capacity_buckets": _INT,
     "sample.max_programs": _INT,
     "evaluation.metric": _STR,
@@ -228,6 +229,7 @@ def check_values(config) -> None:
              f"(config.latent.vae={config.latent.vae!r}); set it to False, as DiT samples latents.")
   model = models.build(config.model)  # Checks the model's own fields and shapes.
   objectives.check_dynamic_config(config)
+  routing_plan.options_for(config.sample)  # The fast path's knobs (width_cap, token_capacity, ...), by name.
   routing_plan.options_for(config.sample)  # The fast path's knobs (width_cap, token_capacity, ...), by name.
   _require(config.sample.guidance_channels <= model.in_channels,
            f"config.sample.guidance_channels={config.sample.guidance_channels} but the model predicts "

@@ -48,6 +48,7 @@ from dyngen.models import flops
 from dyngen.models import layers
 
 ROUTING_MODES = ("fast", "masked")
+TOKEN_POOLING = ("row", "batch")
 
 
 def check_fraction(name, value):
@@ -72,7 +73,10 @@ class RoutingOptions:
     calibration_batches: how many (the first batch, then fresh noise draws for its labels; the most tokens
     any of them wanted); capacity_buckets: head / group counts are rounded up to ceil(j * H /
     capacity_buckets); token_buckets: calibrated token counts to multiples of ceil(N / token_buckets);
-    max_programs: the most segments (hence compiled programs) per batch shape and guidance setting.
+    max_programs: the most segments (hence compiled programs) per batch shape and guidance setting;
+    token_pooling: "row" (each row runs at most its capacity k, the top k of its tokens) or "batch" (the
+    top B·k tokens of the whole batch of B rows: a row may run more, another fewer; calibrated on the
+    batch's mean wanted count instead of its largest row's).
   """
   width_cap: float = 1.0
   token_capacity: float = 1.0
@@ -81,8 +85,11 @@ class RoutingOptions:
   capacity_buckets: int = 4
   token_buckets: int = 16
   max_programs: int = 8
+  token_pooling: str = "row"
 
   def __post_init__(self):
+    if self.token_pooling not in TOKEN_POOLING:
+      raise ValueError(f"token_pooling={self.token_pooling!r} must be one of {TOKEN_POOLING}")
     check_fraction("width_cap", self.width_cap)
     check_fraction("token_capacity", self.token_capacity)
     for name in ("calibration_batches", "capacity_buckets", "token_buckets", "max_programs"):
@@ -164,6 +171,7 @@ class SamplingPlan:
   calls: list[Segment]
   num_tokens: int
   unit_macs: flops.UnitMacs
+  pooled_tokens: bool = False  # token capacities per row on average over the batch (token_pooling="batch")
 
   @property
   def num_steps(self):
@@ -310,7 +318,7 @@ def make_plan(model: dydit.Model, params, model_timesteps, options: RoutingOptio
     capacities[start:stop] = caps
     segments.append(Segment(start, stop, _signature(caps)))
   plan = SamplingPlan(timesteps, head_active, group_active, head_logits, group_logits, capacities, segments, [],
-                      tokens, unit_macs)
+                      tokens, unit_macs, pooled_tokens=options.token_pooling == "batch")
   for segment in segments:
     start, previous = segment.start, plan.units(segment.start, segment.signature)
     for k in range(segment.start + 1, segment.stop + 1):
@@ -376,17 +384,23 @@ def _model_fn_of(model, apply_fn, y, cfg_scale, guided, sample_config):
 
 
 def calibrate_token_counts(schedule: SamplingSchedule, model: dydit.Model, params, x_T, y, cfg_scale, key,
-                           sample_config, cache=None):
+                           sample_config, cache=None, pooled=False):
   """The masked model's sampling loop over `schedule` (x_T, y: the batch as run, guided halves included)
-  -> (E, L) int: per evaluation (run order) and block, the most tokens any row's router wanted.
+  -> (E, L) int: per evaluation (run order) and block, the most tokens any row's router wanted (pooled:
+  the batch's wanted tokens per row, rounded up).
 
   sample_config: its guidance_channels; cache: a dict keeping the jitted loop between calls (keyed by
   guidance on/off), or None.
   """
   guided = cfg_scale != 1.0
+  rows = x_T.shape[0]
+
+  def counts_of(run):
+    wanted = np.asarray(jax.device_get(run(params, x_T, y, jnp.float32(cfg_scale), key)), np.float64)  # (E, L, B)
+    return (np.ceil(wanted.sum(-1) / rows - 1e-6) if pooled else wanted.max(-1)).round().astype(np.int64)
+
   if cache is not None and guided in cache:
-    run = cache[guided]
-    return np.asarray(jax.device_get(run(params, x_T, y, jnp.float32(cfg_scale), key))).round().astype(np.int64)
+    return counts_of(cache[guided])
   num_evaluations = schedule.num_evaluations
 
   @jax.jit
@@ -397,7 +411,7 @@ def calibrate_token_counts(schedule: SamplingSchedule, model: dydit.Model, param
 
       def apply_fn(x, t, y):
         out, aux = model.apply({"params": params}, x, t, y, train=False)
-        captured["counts"] = jnp.max(jnp.sum(aux["token_mask"], axis=-1), axis=0)  # (L,)
+        captured["counts"] = jnp.sum(aux["token_mask"], axis=-1).T  # (L, B) wanted tokens per block and row
         return out
 
       state = schedule.update(_model_fn_of(model, apply_fn, y, cfg_scale, guided, sample_config), state, e,
@@ -409,7 +423,7 @@ def calibrate_token_counts(schedule: SamplingSchedule, model: dydit.Model, param
 
   if cache is not None:
     cache[guided] = run
-  return np.asarray(jax.device_get(run(params, x_T, y, jnp.float32(cfg_scale), key))).round().astype(np.int64)
+  return counts_of(run)
 
 
 STAT_NAMES = ("flops_ratio", "wanted", "kept", "unwanted_run")
@@ -466,7 +480,7 @@ class FastSampler:
     r = self.replicated
     return self._compiled(("gather", heads, groups, scanned), self._gather_fn(scanned), args, (r, r, r), r)
 
-  def _loop_program(self, signature, guided, args):
+  def _loop_program(self, signature, guided, pooled, args):
     model, sample_config, schedule, family = self.model, self.sample_config, self.schedule, self.family
 
     def run(params, blocks, state, y, cfg_scale, lo, hi, keys, stats):
@@ -476,7 +490,8 @@ class FastSampler:
         captured = {}
 
         def apply_fn(x, t, y):
-          out, step_stats = dydit_fast.forward_gathered(model, params, blocks, x, t, y, signature, family)
+          out, step_stats = dydit_fast.forward_gathered(model, params, blocks, x, t, y, signature, family,
+                                                        pooled)
           captured.update({name: jnp.mean(value) if name == "flops_ratio" else jnp.sum(value)
                            for name, value in step_stats.items()})
           return out
@@ -490,7 +505,7 @@ class FastSampler:
 
     r, b = self.replicated, self.batch_sharding
     shapes = tuple(leaf.shape for leaf in jax.tree.leaves(args[2]))
-    return self._compiled(("loop", signature, guided, shapes), run, args,
+    return self._compiled(("loop", signature, guided, pooled, shapes), run, args,
                           (self.param_shardings, r, b, b, r, r, r, r, r), (b, r))
 
   def _calls(self, params, plan, x_T, y, cfg_scale, key, execute):
@@ -522,7 +537,7 @@ class FastSampler:
           blocks[index] = jax.eval_shape(self._gather_fn(scanned), *gather_args)
         units[index] = call_units[index]
       args = (params, blocks, x, y, cfg, jnp.int32(call.start), jnp.int32(call.stop), keys, stats)
-      loop = self._loop_program(call.signature, guided, args)
+      loop = self._loop_program(call.signature, guided, plan.pooled_tokens, args)
       if execute:
         x, stats = loop(*args)
     return x, stats

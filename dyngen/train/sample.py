@@ -240,7 +240,8 @@ class Sampler:
       x_T, y, loop_key = self._start_fn(guided)(global_labels, key if j == 0 else jax.random.fold_in(key, j))
       batch_counts = routing_plan.calibrate_token_counts(self.schedule, self.model, params, x_T, y, cfg_scale,
                                                          loop_key, self.sample_config,
-                                                         cache=self.fast_sampler.calibration_cache)
+                                                         cache=self.fast_sampler.calibration_cache,
+                                                         pooled=self.routing_options.token_pooling == "batch")
       counts = batch_counts if counts is None else np.maximum(counts, batch_counts)
     return counts
 
