@@ -68,6 +68,8 @@ def held_out_flow_loss(model, params, images, labels):
 def test_flow_training_lowers_the_held_out_loss(tiny_config, family):
   """20 train steps of the trainer's own step on flow matching lower the held-out velocity loss."""
   config = flow_config(tiny_config, family, batch_size=16, optimizer__learning_rate=3e-3)
+  if family in objectives.DYNAMIC_FAMILIES:
+    config.dynamic.complete_model_loss = False  # half the compile; the written-out-sum test below has it
   run = trainer.Run(config)
   train_images, train_labels = data_lib.load_split_arrays(config.data, "train")
   images, labels = (jnp.asarray(a[:100]) for a in data_lib.load_split_arrays(config.data, "test"))
@@ -80,13 +82,12 @@ def test_flow_training_lowers_the_held_out_loss(tiny_config, family):
       rows = rng.choice(len(train_labels), config.batch_size, replace=False)
       state, metrics = step(state, {"image": jnp.asarray(train_images[rows]), "label": jnp.asarray(train_labels[rows])})
   final = held_out_flow_loss(run.model, state.params, images, labels)
-  print(f"{family}: held-out flow loss {initial:.4f} -> {final:.4f} ({final / initial:.3f})")
-  # adaLN-Zero starts at v = 0, the loss E|x1 − x0|² (≈ 1.5 on the digits); 30 steps at lr 3e-3 learn the
-  # mean velocity field: measured 0.62-0.72 of the start, bound 0.85.
+  # adaLN-Zero starts at v = 0, the loss E|x1 − x0|² (1.72 on these digits); 20 steps at lr 3e-3 learn the
+  # mean velocity field: measured 0.59 (DiG, DyDiG) to 0.68 (DiT, DyDiT) of the start, bound 0.85.
   assert final < 0.85 * initial, (initial, final)
   assert float(metrics["vb"]) == 0.0  # flow matching has no variational-bound term
   if family in objectives.DYNAMIC_FAMILIES:
-    assert {"flops_loss", "flops_ratio", "complete_diffusion_loss"} <= set(metrics)
+    assert {"flops_loss", "flops_ratio", "flops_target"} <= set(metrics)
 
 
 def test_dydit_flops_objective_on_flow_is_the_written_out_sum(tiny_config):
