@@ -41,9 +41,13 @@ def get_config(arg=None):
   # The raw weights at lr 3e-3 are noisy (their samples are far worse); the EMA over the last ~1000 steps
   # is what samples well.
   config.ema.decay = 0.999
-  # EMA warm-up: without it the step-1500 grid is ~22% random initialisation (0.999^1500) and looks like noise.
-  # With 3 the decay reaches 0.999 at step ~3000: the final EMA averages about as long as the plain 0.999 one.
-  config.ema.warmup = 3.0
+  # The step-1500 EMA grid still holds 22% random initialisation (0.999^1500) and looks like noise; the raw
+  # weights' grid beside it shows how training goes.
+  config.sample.raw_grid = True
+  # An EMA warm-up (3) also gives a readable step-1500 grid, but moved the final figures from 98.8% / Frechet
+  # 5.31 to 99.7% / 10.3 (one run each): without it the final EMA keeps 0.999^3000 = 5% of the initialisation
+  # (adaLN-zero: a zero output layer), a small shrinkage of the predictions these figures were measured with.
+  config.ema.warmup = 0.0
 
   config.log_every_steps = 100
   config.checkpoint_every_steps = 1000

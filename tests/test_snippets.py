@@ -50,6 +50,13 @@ SKIPPED = {
     "python -m dyngen.main --config=configs/dydit_quickstart.py":
         "27 min: the dense quickstart then 6,000 DyDiT fine-tuning steps; its stages are the quickstart (run "
         "here) and configs/dydit_quickstart.py's fine-tuning (tests/test_dydit.py)",
+    "python -m dyngen.main --config=configs/flow_dydit_quickstart.py":
+        "DyDiT fine-tuning on flow matching after a dense flow run (tens of minutes); flow training runs in "
+        "tests/test_flow_training.py, the flow quickstart here",
+    "python -m dyngen.main --config=configs/sit_xl.py:XL/2 --workdir=DIR":
+        "SiT's ImageNet recipe (DIR ...: ImageNet latents); flow training runs in tests/test_flow_training.py",
+    "python -m dyngen.main --config=configs/dig_xl.py:XL/2,objective=flow":
+        "ImageNet latents; flow training runs in tests/test_flow_training.py",
     "python -m dyngen.main --config=configs/dydit_xl.py:XL/2":
         "ImageNet latents and the official DiT-XL/2 weights (LATENTS, sd-vae-ft-ema: nothing to download "
         "here); the DyDiT recipes are checked in tests/test_dydit.py",
@@ -94,6 +101,7 @@ TINY_DIG = ("--config.model.input_size=8", "--config.model.hidden_size=64", "--c
             "--config.model.num_heads=2")
 TINY_OVERRIDES = {
     ("dyngen.main", "configs/quickstart.py"): TINY_TRAINING,
+    ("dyngen.main", "configs/flow_quickstart.py"): TINY_TRAINING,
     ("dyngen.main", "configs/dit_s.py:S/2,runlocal"): ("--config.num_train_steps=4", "--config.sample_every_steps=4",
                                                       "--config.checkpoint_every_steps=4"),
     ("dyngen.convert", "configs/dit_xl.py:XL/2"): TINY_DIT,
@@ -305,7 +313,8 @@ def test_readme_convert_and_sample_commands_run(tmp_path):
 
 @pytest.mark.slow
 def test_readme_quickstart_and_smoke_commands_run(tmp_path, digits_data_dir):
-  # The README's first command (after `pip install -e .`, checked above) and the one-minute smoke run.
+  # The README's first command (after `pip install -e .`, checked above), the flow quickstart of
+  # docs/flow_matching.md and the README's one-minute smoke run.
   data = (f"--config.data.data_dir={digits_data_dir}",)
   (quickstart,) = [w for w in runnable_commands("dyngen.main") if flag_value(w, "config") == "configs/quickstart.py"]
   result = run_documented(quickstart, tmp_path, data)
@@ -318,9 +327,15 @@ def test_readme_quickstart_and_smoke_commands_run(tmp_path, digits_data_dir):
   assert "Setting work unit notes" not in console and "[Hyperparameters]" not in console
   assert "Traceback" not in console
   config = json.loads((workdir / "config.json").read_text())
-  assert config["num_train_steps"] == 4 and config["ema"]["warmup"] == 3.0  # The quickstart's, overridden.
+  assert config["num_train_steps"] == 4 and config["sample"]["raw_grid"]  # The quickstart's, overridden.
+  assert (workdir / "samples" / "grid_raw_step_4.png").exists()  # The raw weights' grid beside the EMA's.
   assert (workdir / "parameters.txt").read_text().count("blocks_0/") >= 8
   results = json.loads((workdir / "samples" / "eval_step_4.json").read_text())
+  assert results["num_samples"] == 100
+
+  (flow,) = [w for w in runnable_commands("dyngen.main") if flag_value(w, "config") == "configs/flow_quickstart.py"]
+  run_documented(flow, tmp_path, data)
+  results = json.loads((tmp_path / "flow_quickstart" / "samples" / "eval_step_4.json").read_text())
   assert results["num_samples"] == 100
 
   (smoke,) = [w for w in runnable_commands("dyngen.main") if flag_value(w, "config") == "configs/dit_s.py:S/2,runlocal"]

@@ -144,6 +144,9 @@ def training_config() -> ml_collections.ConfigDict:
       checkpoint="",  # `--mode=sample`: a checkpoint path; "" = the newest in the workdir.
       grid_size=16,  # Images in the periodic training grids.
       grid_cfg_scale=4.0,  # DiT's setting for pictures.
+      # Also a grid of the raw (non-EMA) weights at each grid step: early in a run the EMA still holds much
+      # of the random initialisation (0.9999^s of it at step s) and its grid looks like noise.
+      raw_grid=False,
       # DyDiT sampling (docs/dydit_fast.md): "fast" runs the routed units only, "masked" the masked reference.
       routing="fast",
       width_cap=1.0,  # Fast path: at most this fraction of heads and of MLP groups per block and step, in (0, 1].

@@ -74,6 +74,7 @@ TRAINER_FIELDS = {
     "sample.checkpoint": _STR,
     "sample.grid_size": _INT,
     "sample.grid_cfg_scale": _FLOAT,
+    "sample.raw_grid": _BOOL,
     "sample.routing": _STR,
     "sample.width_cap": _FLOAT,
     "sample.token_capacity": _FLOAT,

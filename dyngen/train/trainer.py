@@ -195,8 +195,10 @@ def _mean_metrics(metrics_per_step: Sequence[dict]) -> dict[str, float]:
   return {name: float(np.mean([m[name] for m in metrics_per_step])) for name in metrics_per_step[0]}
 
 
-def write_sample_grid(run: Run, sampler: sample_lib.Sampler, params, step: int, writer, workdir) -> str:
-  """Samples `sample.grid_size` images (classes in turn) at `sample.grid_cfg_scale`; TensorBoard + PNG."""
+def write_sample_grid(run: Run, sampler: sample_lib.Sampler, params, step: int, writer, workdir,
+                      name: str = "grid") -> str:
+  """Samples `sample.grid_size` images (classes in turn) at `sample.grid_cfg_scale`; TensorBoard + PNG
+  (`samples/<name>_step_<step>.png`)."""
   config = run.config.sample
   labels = sample_lib.balanced_labels(config.grid_size, run.model.num_classes)
   # The grid batch is the smallest multiple of the data-parallel size that holds the grid.
@@ -205,8 +207,8 @@ def write_sample_grid(run: Run, sampler: sample_lib.Sampler, params, step: int, 
   images = sampler.generate(params, labels, cfg_scale=config.grid_cfg_scale, seed=config.seed,
                             batch_size=batch_size)
   grid = sample_lib.image_grid(images, columns=min(run.model.num_classes, config.grid_size))
-  writer.write_images(step, {"samples": grid[None]})
-  path = epath.Path(workdir) / SAMPLES_SUBDIR / f"grid_step_{step}.png"
+  writer.write_images(step, {"samples" if name == "grid" else f"samples_{name}": grid[None]})
+  path = epath.Path(workdir) / SAMPLES_SUBDIR / f"{name}_step_{step}.png"
   if jax.process_index() == 0:
     sample_lib.write_png(path, grid, upscale=max(1, 128 // run.model.input_size))
   return str(path)
@@ -416,6 +418,9 @@ def _train_loop(run: Run, workdir, writer, train_iter, manager):
       if config.sample_every_steps and (step % config.sample_every_steps == 0 or is_last):
         with progress.timed("sample"), meter.paused():
           path = write_sample_grid(run, sampler, state.ema_params, step, writer, workdir)
+          if config.sample.raw_grid:  # The raw weights beside the EMA's: how training goes, early on.
+            raw = write_sample_grid(run, sampler, state.params, step, writer, workdir, name="grid_raw")
+            logging.info("Step %d: the raw (non-EMA) weights' grid written to %s.", step, raw)
           if objectives.is_dynamic(config.model):
             widths = write_width_picture(run, sampler, state.ema_params, step, writer, workdir)
             logging.info("Step %d: per-layer, per-step widths written to %s.", step, widths)
