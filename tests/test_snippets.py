@@ -20,7 +20,8 @@ now reads. Every shell command of every ```bash block has one fate, checked by `
 Every ```bash block and every launch/*.sh also passes `bash -n`, and every ```python block of docs/ compiles.
 The README's ```python blocks run in this process on a tiny 1000-class DiT written as the official
 `DiT-XL-2-256x256.pt` would be (the names the snippet leaves to the reader, x, t, y, ..., filled by a fixture).
-launch/colab.md is run by tests/test_user_errors.py (test_colab_recipe_runs_on_a_quickstart_checkpoint).
+launch/colab.md is run by tests/test_user_errors.py (test_colab_recipe_runs_on_a_quickstart_checkpoint) and
+launch/colab.ipynb by tests/test_colab_notebook.py; launch/localhost.sh's commands by tests/test_multiprocess.py.
 """
 import json
 import pathlib
