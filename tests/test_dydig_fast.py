@@ -65,15 +65,18 @@ def test_all_units_on_equal_dig(model_and_params):
   np.testing.assert_array_equal(forward(stacked)[0], out)
 
 
-def test_gathered_block_equals_the_masked_one_with_padding(model_and_params):
-  """One forward pass at partial capacities with padding units (mask 0) and a token top-k, against the
-  masked model's output and FLOPs ratio; per-sample t is shared here (t of row 0 for both rows)."""
+@pytest.mark.parametrize("pooled", [False, True], ids=["row", "batch-pooled"])
+def test_gathered_block_equals_the_masked_one_with_padding(model_and_params, pooled):
+  """One forward pass at partial capacities with padding units (mask 0) and a token top-k (per row, or
+  pooled over the batch at the mean wanted count), against the masked model's output and FLOPs ratio;
+  four rows (two of them scaled, so that rows want different numbers of tokens), t shared."""
   model, params = model_and_params
   x, _, y = inputs()
-  t = jnp.array([700, 700])
+  x, y = jnp.concatenate([x, 3 * x[::-1]]), jnp.concatenate([y, y[::-1]])
+  t = jnp.full((4,), 700)
   _, aux = model.apply({"params": params}, x, t, y)
   heads, groups = routing_plan.width_units(model)
-  plans, capacities = [], []
+  plans, capacities, tighter = [], [], []
   for index in range(model.depth):
     head_on, group_on = np.asarray(aux["head_mask"][0, index]), np.asarray(aux["mlp_mask"][0, index])
     # Gather every unit (the inactive ones as padding) in one block, only the active ones elsewhere.
@@ -81,11 +84,15 @@ def test_gathered_block_equals_the_masked_one_with_padding(model_and_params):
     group_index = np.arange(groups) if index in (1, 2) else np.flatnonzero(group_on)
     plans.append(dydit_fast.BlockPlan(jnp.asarray(head_index), jnp.asarray(head_on[head_index]),
                                       jnp.asarray(group_index), jnp.asarray(group_on[group_index])))
-    wanted = max(1, int(np.asarray(aux["token_mask"][:, index]).sum(-1).max()))
+    per_row = np.asarray(aux["token_mask"][:, index]).sum(-1)
+    wanted = max(1, int(np.ceil(per_row.mean()) if pooled else per_row.max()))
+    tighter.append(wanted < per_row.max())  # a row runs more tokens than the capacity k: pooled only
     capacities.append((len(head_index), len(group_index), wanted))
   assert any(c[2] < model.num_tokens for c in capacities)  # the top-k gather runs
+  assert any(tighter) == pooled
   assert any(c[1] > int(aux["mlp_mask"][0, i].sum()) for i, c in enumerate(capacities))  # padding groups
-  out, stats = jax.jit(lambda p: dydit_fast.forward(model, p, x, t, y, plans, capacities, dydig_fast.DYDIG))(params)
+  out, stats = jax.jit(lambda p: dydit_fast.forward(model, p, x, t, y, plans, capacities, dydig_fast.DYDIG,
+                                                    pooled_tokens=pooled))(params)
   expected, aux = model.apply({"params": params}, x, t, y)
   assert_samples_close(out, expected)
   np.testing.assert_allclose(stats["flops_ratio"], aux["flops_ratio"], rtol=1e-6)
