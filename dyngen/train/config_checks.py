@@ -231,7 +231,6 @@ def check_values(config) -> None:
   model = models.build(config.model)  # Checks the model's own fields and shapes.
   objectives.check_dynamic_config(config)
   routing_plan.options_for(config.sample)  # The fast path's knobs (width_cap, token_capacity, ...), by name.
-  routing_plan.options_for(config.sample)  # The fast path's knobs (width_cap, token_capacity, ...), by name.
   _require(config.sample.guidance_channels <= model.in_channels,
            f"config.sample.guidance_channels={config.sample.guidance_channels} but the model predicts "
            f"{model.in_channels} channel(s); use 0 (guide all channels) or at most {model.in_channels}.")
