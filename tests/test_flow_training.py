@@ -279,6 +279,26 @@ def test_sampling_takes_the_checkpoints_objective(tiny_config):
   assert (back.objective, back.sample.sampler) == ("diffusion", "ddpm")
 
 
+def test_sample_mode_on_a_flow_checkpoint_with_a_diffusion_config(tmp_path, tiny_config):
+  """`--mode=sample` with the default (diffusion) --config on a flow checkpoint samples with the checkpoint's
+  flow settings: the images are the notebook sampler's of the loaded flow config, the file names the sampler."""
+  from dyngen import checkpoint  # pylint: disable=g-import-not-at-top
+  saved = flow_config(tiny_config)
+  params = jax.device_get(trainer.Run(saved).initial_state().params)
+  rng = np.random.default_rng(0)  # off adaLN-Zero's trivial start
+  params = jax.tree.map(lambda p: p + 0.02 * rng.standard_normal(p.shape).astype(np.float32), params)
+  config = tiny_config(sample__num_samples=8, sample__cfg_scale=1.5)
+  config.sample.checkpoint = checkpoint.save_inference_checkpoint(tmp_path / "flow", saved, params)
+  npz_path = trainer.sample(config, tmp_path / "workdir")
+  assert npz_path.endswith("dit_heun2-5_cfg1.5_seed0_n8.npz"), npz_path
+  with np.load(npz_path) as arrays:
+    images, labels = arrays["arr_0"], arrays["arr_1"]
+  loaded_config, ema_params = checkpoint.load_for_inference(config.sample.checkpoint)
+  assert loaded_config.objective == "flow"
+  expected = sample_lib.notebook_sampler(loaded_config).generate(ema_params, labels, cfg_scale=1.5, seed=0)
+  np.testing.assert_array_equal(images, expected)
+
+
 def test_sit_and_objective_switch_configs():
   from dyngen import configs  # pylint: disable=g-import-not-at-top
   sit = configs.get("sit_xl", "XL/2")

@@ -529,7 +529,9 @@ def sample(config: ml_collections.ConfigDict, workdir) -> str:
   sampler = run.sampler()
   sample_config = config.sample
   labels = sample_lib.balanced_labels(sample_config.num_samples, run.model.num_classes)
-  name = (f"{config.model.name}_{sample_config.sampler}{sample_config.num_steps}_cfg{sample_config.cfg_scale}_"
+  # "ddpm250", "heun2-51" (a sampler name ending in a digit gets a dash before the step count).
+  steps = f"{'-' if sample_config.sampler[-1].isdigit() else ''}{sample_config.num_steps}"
+  name = (f"{config.model.name}_{sample_config.sampler}{steps}_cfg{sample_config.cfg_scale}_"
           f"seed{sample_config.seed}_n{sample_config.num_samples}")
   out = epath.Path(workdir) / SAMPLES_SUBDIR
   npz_path = out / f"{name}.npz"
