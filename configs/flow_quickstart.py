@@ -30,4 +30,7 @@ def on_flow_matching(config, runlocal=False):
   config.sample.sampler = "heun2"
   config.sample.num_steps = 6 if runlocal else 51
   config.sample.clip_denoised = False  # The ODE has no x_0 estimate to clamp.
+  # The EMA warm-up the figures of docs/benchmarks/flow_digits_cpu.md were measured with (the DDPM quickstart
+  # has none since: there it raised the Frechet distance; this run was not repeated without it).
+  config.ema.warmup = 3.0
   return config
