@@ -10,6 +10,7 @@ import dataclasses
 import math
 
 import numpy as np
+from flax import traverse_util
 
 MAX_LISTED = 25  # per category in error messages; an XL-vs-S mismatch would otherwise print hundreds
 
@@ -107,16 +108,9 @@ def embedding(path, source):
   return [Rule(f"{path}/embedding", f"{source}.weight", Flat(keep_shape=True))]
 
 
-def flatten_shapes(tree, prefix=""):
+def flatten_shapes(tree):
   """Nested dict of arrays / ShapeDtypeStructs -> {'a/b/kernel': shape}."""
-  flat = {}
-  for key, value in tree.items():
-    path = f"{prefix}{key}"
-    if isinstance(value, dict):
-      flat.update(flatten_shapes(value, path + "/"))
-    else:
-      flat[path] = tuple(value.shape)
-  return flat
+  return {path: tuple(value.shape) for path, value in traverse_util.flatten_dict(tree, sep="/").items()}
 
 
 def _unflatten(flat):

@@ -28,6 +28,7 @@ from clu import metric_writers
 from clu import parameter_overview
 from clu import periodic_actions
 from etils import epath
+from flax import traverse_util
 
 from dyngen import checkpoint
 from dyngen import data as data_lib
@@ -353,7 +354,10 @@ def _train_loop(run: Run, workdir, writer, train_iter, manager):
     logging.info("Starting a new run in %s.", workdir)
     if config.init_from:
       state = run.warm_started(state)
-    writer.write_hparams(_flatten(checkpoint.config_to_json_dict(config)))
+    flat_config = traverse_util.flatten_dict(checkpoint.config_to_json_dict(config), sep=".")
+    # TensorBoard's hparams take scalars and strings only (lists such as mesh.shape become their repr).
+    writer.write_hparams({name: value if isinstance(value, (int, float, str, bool)) else str(value)
+                          for name, value in flat_config.items()})
   else:
     state, start_step = restored
     logging.info("Resumed from step %d of %s.", start_step, manager.directory)
@@ -459,16 +463,6 @@ def run_evaluation(run: Run, sampler: sample_lib.Sampler, params, step: int, wri
     (out / f"eval_step_{step}.json").write_text(json.dumps(results, indent=2, sort_keys=True))
   logging.info("Step %d evaluation: %s", step, ", ".join(f"{k}={v:.4g}" for k, v in sorted(results.items())))
   return results
-
-
-def _flatten(tree, prefix=""):
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      flat.update(_flatten(value, f"{prefix}{key}."))
-    else:
-      flat[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
-  return flat
 
 
 def _with_checkpoint_settings(config, saved_config):
