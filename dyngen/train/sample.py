@@ -316,7 +316,7 @@ class Sampler:
       self._token_counts = None
     if self.fast:
       summary = self.routing_summary()
-      logging.info("DyDiT fast path: FLOPs ratio %.4f kept by the masks, %.4f executed (padding included); "
+      logging.info("Routed fast path: FLOPs ratio %.4f kept by the masks, %.4f executed (padding included); "
                    "%d wanted tokens cut by the capacity (%.3g%%), %d unwanted tokens run; %d program(s) compiled "
                    "(%.1f s), %d segment(s) of %s steps.", summary["flops_ratio"], summary["flops_ratio_executed"],
                    summary["tokens_cut"], 100 * summary["token_cut_fraction"], summary["tokens_unwanted_run"],
