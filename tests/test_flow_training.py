@@ -192,6 +192,24 @@ def routed_model_and_params():
   return model, test_dydit.routed_params(model, x, jnp.asarray([0.1, 0.9]), y)
 
 
+@pytest.mark.parametrize("sampler,cfg_scale,evaluations", [("sde_euler", 3.0, 5), ("sde_heun", 1.0, 9)])
+def test_dydit_on_flow_sde_fast_equals_masked(routed_model_and_params, sampler, cfg_scale, evaluations):
+  """The SDE samplers on the fast path (`Transport.sde_evaluations`: one entry per model evaluation, step k's
+  noise from fold_in(key, k)) = the masked loop (`sample_sde`): 4 stochastic steps of 1 or 2 evaluations, then
+  SiT's Mean last step; with guidance and without."""
+  model, params = routed_model_and_params
+  masked = flow_sampler(model, sampler, "masked")
+  masked_images = masked.sample_batch(params, LABELS, KEY, cfg_scale)
+  fast = flow_sampler(model, sampler, "fast")
+  assert fast.fast
+  fast_images = fast.sample_batch(params, LABELS, KEY, cfg_scale)
+  assert masked.routing_stats[0]["flops_ratio"].shape == (evaluations,)
+  assert fast.last_plan.num_steps == evaluations
+  assert_samples_close(fast_images, masked_images)
+  np.testing.assert_allclose(fast.routing_summary()["flops_ratio"], masked.routing_summary()["flops_ratio"],
+                             rtol=1e-6)
+
+
 @pytest.mark.parametrize("sampler,cfg_scale", [("euler", 3.0), ("heun2", 1.0)])
 def test_dydit_on_flow_fast_equals_masked_and_the_python_loop(routed_model_and_params, sampler, cfg_scale):
   """DyDiT sampled on flow matching: the fast path (the flow grid's width plan, one entry per model
@@ -231,13 +249,14 @@ def test_dydit_on_flow_fast_equals_masked_and_the_python_loop(routed_model_and_p
   assert_samples_close(masked_images, x[:2])
 
 
-def test_dydit_on_flow_sde_runs_masked_with_a_ratio_per_evaluation(routed_model_and_params):
-  model, params = routed_model_and_params
-  sampler = flow_sampler(model, "sde_euler", "fast")
-  assert not sampler.fast  # the fast path runs the fixed-step ODEs; the SDE runs masked
-  images = sampler.sample_batch(params, LABELS, KEY, 1.0)
-  assert np.all(np.isfinite(images))
-  assert sampler.routing_stats[0]["flops_ratio"].shape == (5,)  # 4 Euler-Maruyama steps + the Mean last step
+def test_dydit_on_flow_dopri5_is_refused(tiny_config):
+  """The adaptive ODE has no fixed evaluations to plan or to record a FLOPs ratio per: refused before a run."""
+  import test_dydit  # pylint: disable=g-import-not-at-top
+  config = tiny_config(objective="flow", sample__sampler="dopri5")
+  config.model = test_dydit.tiny_config()
+  config.model.update(input_size=config.data.image_size, in_channels=1, num_classes=10)
+  with pytest.raises(ValueError, match="sampler='dopri5' chooses its model evaluations as it runs; a routed model"):
+    config_checks.check_config(config, num_devices=1)
 
 
 # Configs.

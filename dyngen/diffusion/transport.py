@@ -401,6 +401,79 @@ class Transport:
     model_times = np.stack([grid_values[:-1], grid_values[1:]], axis=1).reshape(-1)
     return model_times, lambda x_T: (x_T, jnp.zeros_like(x_T)), heun_update, lambda state: state[0]
 
+  def sde_evaluations(self, sampling_method="Euler", diffusion_form="sigma", diffusion_norm=1.0, last_step="Mean",
+                      last_step_size=0.04, num_steps=250, y=None):
+    """`sample_sde`'s loop one model evaluation at a time, as `ode_evaluations` (for the routed fast path).
+
+    Returns: (model_times, evaluation_steps, init, update, result): model_times (E,) float32 numpy, the t of
+    evaluation e (Euler: the grid's first num_steps − 1 points; Heun: t_k, t_k + dt for each step k; then t1
+    for the last step unless last_step is None); evaluation_steps (E,) int32 numpy, the stochastic step whose
+    noise evaluation e draws (`sample_sde` draws step k's from `fold_in(key, k)`: the caller passes update that
+    key); init, update(model_fn, state, e, key) -> state (one model call) and result as `ode_evaluations`'.
+    Run in order they give `sample_sde(model_fn, x_T, ..., key=key)` with the same arithmetic.
+    """
+    if sampling_method not in SDE_METHODS:
+      raise ValueError(f"unknown SDE sampling_method {sampling_method!r}; expected one of {SDE_METHODS}")
+    if last_step not in LAST_STEPS:
+      raise ValueError(f"unknown last_step {last_step!r}; expected one of {LAST_STEPS}")
+    if last_step is None:
+      last_step_size = 0.0
+    t0, t1 = self.interval(sde=True, eval=True, diffusion_form=diffusion_form, last_step_size=last_step_size)
+    grid = self._grid(t0, t1, num_steps)
+    dt = grid[1] - grid[0]
+    sqrt_dt = jnp.sqrt(dt)
+    num_noisy = num_steps - 1
+    heun = sampling_method == "Heun"
+    path = self.path
+    grid_values, dt_value = np.asarray(grid), np.asarray(dt)
+    if heun:
+      step_times = np.stack([grid_values[:-1], (grid_values[:-1] + dt_value).astype(np.float32)], axis=1).reshape(-1)
+      steps = np.repeat(np.arange(num_noisy), 2)
+    else:
+      step_times, steps = grid_values[:-1], np.arange(num_noisy)
+    num_stochastic = len(steps)  # evaluations before the last step
+    if last_step is not None:
+      step_times, steps = np.append(step_times, np.float32(t1)), np.append(steps, num_noisy - 1)
+    times = jnp.asarray(step_times, jnp.float32)
+
+    def update(model_fn, state, e, key):
+      x, k1 = state  # Heun: (x_hat, first drift) between its two evaluations; else k1 is unused zeros
+      stochastic = e < num_stochastic
+      second = heun & (e % 2 == 1) & stochastic
+      t_step = jnp.full(x.shape[:1], grid[jnp.minimum(e // (2 if heun else 1), num_noisy - 1)], x.dtype)
+      dw = jax.random.normal(key, x.shape, x.dtype) * sqrt_dt
+      noised = x + jnp.sqrt(2 * path.compute_diffusion(x, t_step, diffusion_form, diffusion_norm)) * dw
+      if heun:  # the first evaluation at x_hat = x + noise, the second at x_hat + dt·k1 and t + dt
+        x_in = jnp.where(second, x + dt * k1, jnp.where(stochastic, noised, x))
+        t = jnp.where(second, t_step + dt, t_step)
+      else:
+        x_in, t = x, t_step
+      t = jnp.where(stochastic, t, jnp.full(x.shape[:1], t1, jnp.float32).astype(x.dtype))
+      out = self._call_model(first_channels(model_fn, x.shape[-1]), x_in, t, y)  # learn_sigma: first C, as SiT
+      drift = self.ode_drift(out, x_in, t) + path.compute_diffusion(x_in, t, diffusion_form,
+                                                                    diffusion_norm) * self.score(out, x_in, t)
+      if heun:
+        next_x = jnp.where(second, x + 0.5 * dt * (k1 + drift), noised)
+        next_k1 = jnp.where(second, jnp.zeros_like(drift), drift)
+      else:
+        next_x, next_k1 = x + drift * dt + jnp.sqrt(2 * path.compute_diffusion(x, t, diffusion_form,
+                                                                              diffusion_norm)) * dw, k1
+      if last_step == "Mean":
+        last = x + drift * last_step_size
+      elif last_step == "Tweedie":
+        alpha_t = path.compute_alpha_t(paths.expand_t_like_x(t, x))[0]
+        sigma_t = path.compute_sigma_t(paths.expand_t_like_x(t, x))[0]
+        last = x / alpha_t + sigma_t ** 2 / alpha_t * self.score(out, x, t)
+      elif last_step == "Euler":
+        last = x + self.ode_drift(out, x, t) * last_step_size
+      else:
+        last = next_x
+      next_x = jnp.where(stochastic, next_x, last)
+      return next_x.astype(x.dtype), next_k1.astype(x.dtype)
+
+    return (step_times.astype(np.float32), steps.astype(np.int32), lambda x_T: (x_T, jnp.zeros_like(x_T)), update,
+            lambda state: state[0])
+
   def sample_sde(self, model_fn: ModelFn, x_T, sampling_method="Euler", diffusion_form="sigma", diffusion_norm=1.0,
                  last_step="Mean", last_step_size=0.04, num_steps=250, key=None, step_noise=None,
                  return_trajectory=False, y=None, with_aux=False, progress=None):
@@ -550,6 +623,15 @@ def create_transport(path_type="Linear", prediction="velocity", loss_weight=None
 DIFFUSION_SAMPLERS = ("ddpm", "ddim")
 FLOW_ODE_SAMPLERS = ODE_METHODS
 FLOW_SDE_SAMPLERS = {"sde_euler": "Euler", "sde_heun": "Heun"}
+
+
+def sde_options(sample_config) -> dict:
+  """`sample_sde`'s keyword arguments of an SDE sampler named by `sample_config` (a config's sample section;
+  fields it lacks take SiT's defaults, a last_step of "" is None)."""
+  get = lambda name, default: getattr(sample_config, name, default)
+  return dict(sampling_method=FLOW_SDE_SAMPLERS[sample_config.sampler],
+              diffusion_form=get("diffusion_form", "sigma"), diffusion_norm=get("diffusion_norm", 1.0),
+              last_step=get("last_step", "Mean") or None, last_step_size=get("last_step_size", 0.04))
 FLOW_SAMPLERS = FLOW_ODE_SAMPLERS + tuple(FLOW_SDE_SAMPLERS)
 OBJECTIVES = ("diffusion", "flow")
 
@@ -647,11 +729,8 @@ class ObjectiveInterface:
                                      atol=get("atol", 1e-6), rtol=get("rtol", 1e-3), with_aux=with_aux,
                                      progress=progress)
     if sampler in FLOW_SDE_SAMPLERS:
-      return self.process.sample_sde(
-          flow_fn, x_T, sampling_method=FLOW_SDE_SAMPLERS[sampler], diffusion_form=get("diffusion_form", "sigma"),
-          diffusion_norm=get("diffusion_norm", 1.0), last_step=get("last_step", "Mean") or None,
-          last_step_size=get("last_step_size", 0.04), num_steps=sample_config.num_steps, key=key,
-          with_aux=with_aux, progress=progress)
+      return self.process.sample_sde(flow_fn, x_T, **sde_options(sample_config), num_steps=sample_config.num_steps,
+                                     key=key, with_aux=with_aux, progress=progress)
     raise ValueError(f"unknown flow-matching sampler {sampler!r}; expected one of {FLOW_SAMPLERS}")
 
   def sampling_times(self, sample_config) -> np.ndarray:

@@ -282,6 +282,10 @@ def check_objective(config) -> None:
   if sample.sampler == "dopri5":
     _require(sample.atol > 0 and sample.rtol > 0,
              f"config.sample.atol={sample.atol} and rtol={sample.rtol} must be > 0 for dopri5.")
+    _require(config.model.name not in objectives.DYNAMIC_FAMILIES,
+             f"config.sample.sampler='dopri5' chooses its model evaluations as it runs; a routed model "
+             f"(config.model.name={config.model.name!r}) samples on a fixed grid, its FLOPs ratio recorded per "
+             "evaluation: use 'euler', 'heun2', 'sde_euler' or 'sde_heun'.")
   if sample.sampler in diffusion_lib.transport.FLOW_SDE_SAMPLERS:
     _require(sample.diffusion_form in diffusion_lib.paths.DIFFUSION_FORMS,
              f"config.sample.diffusion_form={sample.diffusion_form!r} must be one of "

@@ -337,7 +337,7 @@ class SamplingSchedule:
     original timesteps, a flow ODE's time grid in [0, 1], ...). The width plan reads the routers at these.
   update(model_fn, state, e, key) -> state: evaluation e (a traced int32 in [0, E)). It calls
     model_fn(x, t) exactly once, with t = (B,) copies of model_timesteps[e] (the plan's widths are those
-    of that t), and returns the next state. key: the e-th of `split(loop key, E)` (unused if deterministic).
+    of that t), and returns the next state. key: the e-th of `keys(loop key)` (unused if deterministic).
   init(x_T) -> state and result(state) -> x_0: the loop state, a pytree of batch-leading arrays (default:
     the sample itself; a two-evaluation step keeps more, e.g. Heun's (x, first drift)).
 
@@ -350,10 +350,18 @@ class SamplingSchedule:
   update: Callable
   init: Callable = lambda x_T: x_T
   result: Callable = lambda state: state
+  # (loop key) -> (E,) keys, the one `update` gets at each evaluation; None: split(loop key, E). A process
+  # whose reference loop derives its noise otherwise passes its own (the flow SDE: fold_in(key, step)).
+  evaluation_keys: Callable | None = None
 
   @property
   def num_evaluations(self):
     return len(self.model_timesteps)
+
+  def keys(self, key):
+    if self.evaluation_keys is None:
+      return jax.random.split(key, self.num_evaluations)
+    return self.evaluation_keys(key)
 
 
 def gaussian_schedule(diffusion, sample_config) -> SamplingSchedule:
@@ -419,7 +427,7 @@ def calibrate_token_counts(schedule: SamplingSchedule, model: dydit.Model, param
       return state, captured["counts"]
 
     evaluations = jnp.arange(num_evaluations, dtype=jnp.int32)
-    return jax.lax.scan(body, schedule.init(x_T), (evaluations, jax.random.split(key, num_evaluations)))[1]
+    return jax.lax.scan(body, schedule.init(x_T), (evaluations, schedule.keys(key)))[1]
 
   if cache is not None:
     cache[guided] = run
@@ -514,7 +522,7 @@ class FastSampler:
     if plan.num_steps != num_steps:
       raise ValueError(f"the plan has {plan.num_steps} steps, the sampling schedule {num_steps} model evaluations")
     guided = cfg_scale != 1.0
-    keys = jax.random.split(key, num_steps)
+    keys = self.schedule.keys(key)
     stats_dtype = layers.at_least_float32(self.model.compute_dtype)
     stats = {name: jnp.zeros((num_steps,), stats_dtype) for name in STAT_NAMES}
     cfg = jnp.float32(cfg_scale)

@@ -31,6 +31,7 @@ from jax.experimental import multihost_utils
 from PIL import Image
 
 from dyngen import diffusion as diffusion_lib
+from dyngen.diffusion import transport as transport_lib
 from dyngen import models
 from dyngen import progress
 from dyngen import sharding
@@ -54,19 +55,29 @@ def sampling_process(diffusion_config, sample_config, learn_sigma: bool, transpo
 
 
 def flow_fast_path_unsupported(sample_config) -> str:
-  """Why the routed fast path cannot run this flow-matching sampler ("" when it can: the fixed-step ODEs)."""
-  if sample_config.sampler not in ("euler", "heun2"):
-    return (f"the fast path runs the fixed-step ODE samplers 'euler' and 'heun2', not {sample_config.sampler!r}; "
-            "set config.sample.sampler to one of them for it")
+  """Why the routed fast path cannot run this flow-matching sampler ("" when it can: the fixed-step ODE and
+  SDE samplers)."""
+  if sample_config.sampler == "dopri5":
+    return ("the fast path runs fixed-step samplers (euler, heun2, sde_euler, sde_heun), not the adaptive "
+            "'dopri5'; set config.sample.sampler to one of them for it")
   if tuple(sample_config.guidance_interval) != (0.0, 1.0):
     return "the fast path guides at every step; a config.sample.guidance_interval runs masked"
   return ""
 
 
 def flow_schedule(transport, sample_config) -> routing_plan.SamplingSchedule:
-  """The flow ODE sampler of `sample_config` (euler / heun2 on num_steps grid points) as the fast path's
-  schedule, one entry per model evaluation (`Transport.ode_evaluations`): the samples of the masked loop."""
-  model_times, init, update, result = transport.ode_evaluations(sample_config.sampler, sample_config.num_steps)
+  """The flow sampler of `sample_config` (euler / heun2 / sde_euler / sde_heun on num_steps grid points) as the
+  fast path's schedule, one entry per model evaluation (`Transport.ode_evaluations` / `sde_evaluations`), with
+  the noise of `sample_sde` (step k's from fold_in(key, k)): the samples of the masked loop."""
+  sampler = sample_config.sampler
+  if sampler in transport_lib.FLOW_SDE_SAMPLERS:
+    model_times, steps, init, update, result = transport.sde_evaluations(
+        **transport_lib.sde_options(sample_config), num_steps=sample_config.num_steps)
+    steps = jnp.asarray(steps)
+    return routing_plan.SamplingSchedule(
+        model_times, update, init=init, result=result,
+        evaluation_keys=lambda key: jax.vmap(lambda step: jax.random.fold_in(key, step))(steps))
+  model_times, init, update, result = transport.ode_evaluations(sampler, sample_config.num_steps)
   return routing_plan.SamplingSchedule(model_times, update, init=init, result=result)
 
 
