@@ -493,8 +493,11 @@ def test_guidance_semantics():
     np.testing.assert_array_equal(out[..., rest], raw[..., rest])
   with pytest.raises(ValueError, match="even batch"):
     guided_model_fn(apply_fn, y[:3], 1.5)(jnp.asarray(x[:3]), t[:3])
-  with pytest.raises(ValueError, match="guidance_channels must be a positive int or None"):
-    guided_model_fn(apply_fn, y, 1.5, guidance_channels=0)
+  with pytest.raises(ValueError, match=r"guidance_channels must be a positive int, or 0 or None"):
+    guided_model_fn(apply_fn, y, 1.5, guidance_channels=-1)
+  # 0 (the configs' spelling of "all channels") is None.
+  np.testing.assert_array_equal(guided_model_fn(apply_fn, y, 1.5, guidance_channels=0)(jnp.asarray(x), t),
+                                guided_model_fn(apply_fn, y, 1.5, guidance_channels=None)(jnp.asarray(x), t))
 
 
 # The official DiT sampling runs on the tiny DiT (dit_tiny weights).

@@ -195,8 +195,8 @@ def test_guidance_channels_must_fit_the_prediction():
     guided_model_fn(label_apply_fn, y, 4.0, 2)(x, t)
   with pytest.raises(ValueError, match=r"cfg_scale must be a scalar .*got shape \(2,\)"):
     guided_model_fn(label_apply_fn, y, jnp.array([4.0, 2.0]), None)
-  for bad in (0, True, 1.5):
-    with pytest.raises(ValueError, match="guidance_channels must be a positive int or None"):
+  for bad in (-1, True, 1.5):
+    with pytest.raises(ValueError, match=r"guidance_channels must be a positive int, or 0 or None"):
       guided_model_fn(label_apply_fn, y, 4.0, bad)
 
 

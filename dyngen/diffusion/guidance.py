@@ -69,7 +69,8 @@ def guided_model_fn(apply_fn: ApplyFn, y, cfg_scale, guidance_channels: int | No
     cfg_scale: guidance scale s (1 = the conditional model); a float or a traced scalar.
     guidance_channels: how many leading output channels are guided, at most C (the input's channels: the
       later output channels are variance values). 3 reproduces the official DiT code (which guides only 3 of
-      the 4 latent channels); None guides every prediction channel.
+      the 4 latent channels); None or 0 (the configs' `sample.guidance_channels = 0`) guides every prediction
+      channel.
     num_classes: the model's class count K. Given, the conditional labels must lie in [0, K) and the null half
       must be K: a concrete y is checked here (ValueError naming the labels); a traced y makes the rows
       of bad labels NaN (an out-of-range label would otherwise read past the embedding table).
@@ -77,9 +78,10 @@ def guided_model_fn(apply_fn: ApplyFn, y, cfg_scale, guidance_channels: int | No
   Returns: model_fn(x, t) -> (2n, H, W, C_out).
   """
   if guidance_channels is not None and (isinstance(guidance_channels, bool) or
-                                        not isinstance(guidance_channels, int) or guidance_channels < 1):
-    raise ValueError(f"guidance_channels must be a positive int or None (all prediction channels), "
+                                        not isinstance(guidance_channels, int) or guidance_channels < 0):
+    raise ValueError(f"guidance_channels must be a positive int, or 0 or None (all prediction channels), "
                      f"got {guidance_channels!r}")
+  guidance_channels = guidance_channels or None  # 0, as the configs spell "all", is None here.
   if jnp.ndim(cfg_scale) != 0:
     # A per-row or per-channel scale would broadcast against the channel axis without a word.
     raise ValueError(f"cfg_scale must be a scalar (a float or a 0-d array), got shape {jnp.shape(cfg_scale)}")
