@@ -140,6 +140,7 @@ class StepMeter:
 
   def start(self, step: int) -> None:
     self.last_time, self.last_step, self.paused_seconds = time.perf_counter(), step, 0.0
+    self.images_per_second = 0.0  # of the latest `line`
 
   @contextlib.contextmanager
   def paused(self):
@@ -156,6 +157,7 @@ class StepMeter:
     rate = (step - self.last_step) / elapsed
     self.last_time, self.last_step, self.paused_seconds = now, step, 0.0
     eta = (self.total_steps - step) / rate if rate > 0 else float("inf")
+    self.images_per_second = rate * self.batch_size
     return (f"Step {step}/{self.total_steps} ({100 * step / self.total_steps:.0f}%): loss {loss:.4f}{extra}, "
             f"{rate:.3g} steps/s, {rate * self.batch_size:.4g} images/s, "
             f"ETA {format_seconds(eta) if eta != float('inf') else '?'}")

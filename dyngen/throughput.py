@@ -60,6 +60,13 @@ def describe(images_per_second: float, model_config, *, num_devices: int, device
   return text + f", MFU {100 * u['mfu']:.1f}% of {device_kind}'s {peak_flops(device_kind) / 1e12:.0f} TFLOP/s"
 
 
+def progress_suffix(u: dict) -> str:
+  """What the trainer's progress line adds for a `utilisation` dict: '; 68.9 model TFLOP/s per device, MFU
+  25.1%' (no MFU on a device without a listed peak, e.g. a CPU). Routed models count their dense FLOPs."""
+  text = f"; {u['model_tflops_per_second_per_device']:.3g} model TFLOP/s per device"
+  return text if u["mfu"] is None else text + f", MFU {100 * u['mfu']:.1f}%"
+
+
 def expected_images_per_second(model_config, device_kind: str, mfu: float) -> float:
   """Training images/s per chip at utilisation `mfu` (0 < mfu <= 1)."""
   if not 0 < mfu <= 1:
@@ -70,21 +77,20 @@ def expected_images_per_second(model_config, device_kind: str, mfu: float) -> fl
   return mfu * peak / training_flops_per_image(model_config)
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config: configs/<name>.py[:arg].")
-_MFU = flags.DEFINE_float("mfu", 0.5, "The model FLOPs utilisation to assume.")
-_DEVICES = flags.DEFINE_list("devices", ["TPU v4", "TPU v5p", "H100"], "Device kinds to tabulate.")
-
-
-def main(argv):
+def main(argv, config_flag, mfu_flag, devices_flag):
   del argv
-  model = _CONFIG.value.model
+  model = config_flag.value.model
   print(f"{model.name} {model.hidden_size}x{model.depth}, patch {model.patch_size}: "
-        f"{training_flops_per_image(model) / 1e9:.1f} GFLOP per training image; at MFU {_MFU.value:.0%}:")
-  for kind in _DEVICES.value:
+        f"{training_flops_per_image(model) / 1e9:.1f} GFLOP per training image; at MFU {mfu_flag.value:.0%}:")
+  for kind in devices_flag.value:
     print(f"  {kind:10s} {peak_flops(kind) / 1e12:5.0f} TFLOP/s  "
-          f"{expected_images_per_second(model, kind, _MFU.value):7.1f} images/s per chip")
+          f"{expected_images_per_second(model, kind, mfu_flag.value):7.1f} images/s per chip")
 
 
 if __name__ == "__main__":
+  # Defined here, not at import: the trainer imports this module under dyngen.main's own --config flag.
+  _flags = (config_flags.DEFINE_config_file("config", None, "Experiment config: configs/<name>.py[:arg]."),
+            flags.DEFINE_float("mfu", 0.5, "The model FLOPs utilisation to assume."),
+            flags.DEFINE_list("devices", ["TPU v4", "TPU v5p", "H100"], "Device kinds to tabulate."))
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  app.run(lambda argv: main(argv, *_flags))

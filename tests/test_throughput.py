@@ -33,6 +33,15 @@ def test_peaks_by_device_kind():
   assert throughput.peak_flops("cpu") is None
 
 
+def test_the_progress_line_suffix():
+  flops_per_image = throughput.training_flops_per_image(dit_xl_2())
+  on_v4 = throughput.utilisation(0.25 * 275e12 * 8 / flops_per_image, dit_xl_2(), num_devices=8,
+                                 device_kind="TPU v4")
+  assert throughput.progress_suffix(on_v4) == "; 68.8 model TFLOP/s per device, MFU 25.0%"
+  on_cpu = throughput.utilisation(2e9 / flops_per_image, dit_xl_2(), num_devices=1, device_kind="cpu")
+  assert throughput.progress_suffix(on_cpu) == "; 0.002 model TFLOP/s per device"  # no peak listed: no MFU
+
+
 def test_mfu_arithmetic():
   flops_per_image = throughput.training_flops_per_image(dit_xl_2())
   images_per_second = 0.25 * 275e12 * 8 / flops_per_image  # 8 v4 chips at a quarter of their peak

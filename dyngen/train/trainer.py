@@ -36,6 +36,7 @@ from dyngen import diffusion as diffusion_lib
 from dyngen import models
 from dyngen import progress as progress_lib
 from dyngen import sharding
+from dyngen import throughput
 from dyngen.train import config_checks
 from dyngen.train import evaluation
 from dyngen.train import objectives
@@ -410,7 +411,12 @@ def _train_loop(run: Run, workdir, writer, train_iter, manager):
         mean_metrics = _mean_metrics(host_metrics)
         writer.write_scalars(step, {f"train/{k}": v for k, v in mean_metrics.items()})
         ratio = f", FLOPs ratio {mean_metrics['flops_ratio']:.3f}" if "flops_ratio" in mean_metrics else ""
-        logging.info("%s", meter.line(step, mean_metrics["loss"], ratio))
+        line = meter.line(step, mean_metrics["loss"], ratio)
+        utilisation = throughput.utilisation(meter.images_per_second, config.model, num_devices=jax.device_count(),
+                                             device_kind=jax.devices()[0].device_kind)
+        logging.info("%s%s", line, throughput.progress_suffix(utilisation))
+        writer.write_scalars(step, {f"throughput/{name}": value for name, value in utilisation.items()
+                                    if value is not None})
         pending_metrics, pending_from = [], step + 1
       if save_now:
         with progress.timed("checkpoint"):
