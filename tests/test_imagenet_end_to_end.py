@@ -15,6 +15,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -92,8 +93,9 @@ def test_images_to_latents_to_training_to_samples_to_fid(tmp_path):
                   ["--config.evaluation.metric=adm_fid", f"--config.evaluation.reference={reference}",
                    f"--config.evaluation.inception={inception}", "--config.evaluation.num_samples=4"])
     trained = run("dyngen.main", *args, *evaluation, env_extra=cache)
-    losses = [float(part.split("=")[1].rstrip(",")) for line in (trained.stdout + trained.stderr).splitlines()
-              for part in line.split() if part.startswith("train/loss=")]
+    # The progress lines' mean loss ("Step 2/2 (100%): loss 0.1234, ..."; metrics themselves go to TensorBoard).
+    losses = [float(match) for match in re.findall(r"Step \d+/\d+ \(\d+%\): loss ([^,\s]+)",
+                                                    trained.stdout + trained.stderr)]
     assert losses and all(math.isfinite(loss) for loss in losses), losses
     if evaluation:
       scores = json.loads((workdir / "samples" / "eval_step_2.json").read_text())
