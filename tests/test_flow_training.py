@@ -192,12 +192,9 @@ def routed_model_and_params():
   return model, test_dydit.routed_params(model, x, jnp.asarray([0.1, 0.9]), y)
 
 
-@pytest.mark.parametrize("sampler,cfg_scale,evaluations", [("sde_euler", 3.0, 5), ("sde_heun", 1.0, 9)])
-def test_dydit_on_flow_sde_fast_equals_masked(routed_model_and_params, sampler, cfg_scale, evaluations):
-  """The SDE samplers on the fast path (`Transport.sde_evaluations`: one entry per model evaluation, step k's
-  noise from fold_in(key, k)) = the masked loop (`sample_sde`): 4 stochastic steps of 1 or 2 evaluations, then
-  SiT's Mean last step; with guidance and without."""
-  model, params = routed_model_and_params
+def fast_equals_masked(model, params, sampler, cfg_scale, evaluations):
+  """Samples of the fast and the masked path (fp32 close), both with a FLOPs ratio (< 1) per model evaluation;
+  returns the masked samples."""
   masked = flow_sampler(model, sampler, "masked")
   masked_images = masked.sample_batch(params, LABELS, KEY, cfg_scale)
   fast = flow_sampler(model, sampler, "fast")
@@ -208,6 +205,17 @@ def test_dydit_on_flow_sde_fast_equals_masked(routed_model_and_params, sampler, 
   assert_samples_close(fast_images, masked_images)
   np.testing.assert_allclose(fast.routing_summary()["flops_ratio"], masked.routing_summary()["flops_ratio"],
                              rtol=1e-6)
+  assert masked.routing_summary()["flops_ratio"] < 1
+  return masked_images
+
+
+@pytest.mark.parametrize("sampler,cfg_scale,evaluations", [("sde_euler", 3.0, 5), ("sde_heun", 1.0, 9)])
+def test_dydit_on_flow_sde_fast_equals_masked(routed_model_and_params, sampler, cfg_scale, evaluations):
+  """The SDE samplers on the fast path (`Transport.sde_evaluations`: one entry per model evaluation, step k's
+  noise from fold_in(key, k)) = the masked loop (`sample_sde`): 4 stochastic steps of 1 or 2 evaluations, then
+  SiT's Mean last step; with guidance and without."""
+  model, params = routed_model_and_params
+  fast_equals_masked(model, params, sampler, cfg_scale, evaluations)
 
 
 @pytest.mark.parametrize("sampler,cfg_scale", [("euler", 3.0), ("heun2", 1.0)])
@@ -215,18 +223,8 @@ def test_dydit_on_flow_fast_equals_masked_and_the_python_loop(routed_model_and_p
   """DyDiT sampled on flow matching: the fast path (the flow grid's width plan, one entry per model
   evaluation) = the masked routed loop = a Python loop of the masked model; FLOPs ratio per evaluation."""
   model, params = routed_model_and_params
-  masked = flow_sampler(model, sampler, "masked")
-  masked_images = masked.sample_batch(params, LABELS, KEY, cfg_scale)
-  fast = flow_sampler(model, sampler, "fast")
-  assert fast.fast
-  fast_images = fast.sample_batch(params, LABELS, KEY, cfg_scale)
   evaluations = 4 if sampler == "euler" else 8  # 5 grid points: 4 steps of 1 or 2 evaluations
-  assert masked.routing_stats[0]["flops_ratio"].shape == (evaluations,)
-  assert fast.last_plan.num_steps == evaluations
-  assert_samples_close(fast_images, masked_images)
-  np.testing.assert_allclose(fast.routing_summary()["flops_ratio"], masked.routing_summary()["flops_ratio"],
-                             rtol=1e-6)
-  assert masked.routing_summary()["flops_ratio"] < 1
+  masked_images = fast_equals_masked(model, params, sampler, cfg_scale, evaluations)
 
   guided = cfg_scale != 1.0
   x_T, y, _ = sample_lib.starting_batch(model, jnp.asarray(LABELS), KEY, guided)
