@@ -293,10 +293,7 @@ def run_benchmark():
           f"(the masked path's, equal); executed: padding units and every selected token counted as computed. "
           f"fast vs masked: the largest difference of the samples relative to the largest sample value.\n\n"
           + measure.markdown_table(header, table))
-  measure.write_report(text, FLAGS.output)
-  if FLAGS.json:
-    with open(FLAGS.json, "w") as f:
-      json.dump(rows, f, indent=2)
+  measure.write_report(text, FLAGS.output, rows=rows, json_output=FLAGS.json)
 
 
 METRIC_TITLES = {"classifier_accuracy_on_samples": "digits accuracy", "frechet_distance": "Fréchet distance"}
@@ -365,10 +362,7 @@ def run_knob_curve():
           f"are compiled on an untimed first batch). jax {jax.__version__}, {os.cpu_count()} CPU cores; "
           f"the 1-minute load average before and after each setting in the last column.\n\n"
           + measure.markdown_table(header, table))
-  measure.write_report(text, FLAGS.output)
-  if FLAGS.json:
-    with open(FLAGS.json, "w") as f:
-      json.dump(rows, f, indent=2)
+  measure.write_report(text, FLAGS.output, rows=rows, json_output=FLAGS.json)
 
 
 def main(argv):

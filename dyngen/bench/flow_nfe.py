@@ -24,6 +24,7 @@ import jax
 import ml_collections
 
 from dyngen import checkpoint
+from dyngen.bench import measure
 from dyngen.train import evaluation
 from dyngen.train import sample as sample_lib
 
@@ -111,14 +112,7 @@ def main(argv):
       for scale in cfg_scales:
         rows.append(measure_row(config, params, evaluator, sampler, num_steps, scale))
         print(json.dumps(rows[-1]), flush=True)
-  table = markdown(rows, config, cfg_scale)
-  print(table)
-  if FLAGS.output:
-    with open(FLAGS.output, "w") as f:
-      f.write(table)
-  if FLAGS.json:
-    with open(FLAGS.json, "w") as f:
-      json.dump(rows, f, indent=2)
+  measure.write_report(markdown(rows, config, cfg_scale), FLAGS.output, rows=rows, json_output=FLAGS.json)
 
 
 if __name__ == "__main__":

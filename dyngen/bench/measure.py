@@ -5,6 +5,7 @@ then runs it `repeats` times, unless the compiled temp memory exceeds `memory_bu
 says it does not fit rather than swapping the machine to death.
 """
 import dataclasses
+import json
 import os
 import statistics
 import time
@@ -110,10 +111,12 @@ def markdown_table(header, rows):
   return "\n".join(lines)
 
 
-def write_report(text, output):
-  """Prints `text` and, when `output` is set, writes it there too."""
+def write_report(text, output, *, rows=None, json_output=""):
+  """Prints `text` and, when `output` is set, writes it there too; `rows` go to `json_output` when it is set
+  (the benchmarks' `--json=FILE`, for scripts)."""
   print(text)
-  if output:
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    with open(output, "w") as f:
-      f.write(text + "\n")
+  for path, content in ((output, text + "\n"), (json_output, json.dumps(rows, indent=2))):
+    if path:
+      os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+      with open(path, "w") as f:
+        f.write(content)
