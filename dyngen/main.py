@@ -17,7 +17,13 @@ DYNGEN_TRACEBACK=1 shows it for user errors too). `--help` lists the flags and e
 """
 import logging as std_logging
 
-from absl import app
+from dyngen import host_memory
+
+if __name__ == "__main__":
+  # First of all: glibc reads its malloc tunables only when a process starts (dyngen/host_memory.py).
+  host_memory.reexec_with_tunables()
+
+from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import flags
 from absl import logging
 import jax
@@ -76,8 +82,9 @@ def main(argv):
   tf.config.set_visible_devices([], "GPU")
   from dyngen.train import trainer  # pylint: disable=g-import-not-at-top
 
-  logging.info("JAX process %d of %d, %d local / %d global %s devices.", jax.process_index(), jax.process_count(),
-               jax.local_device_count(), jax.device_count(), jax.default_backend())
+  logging.info("JAX process %d of %d, %d local / %d global %s devices; host memory: %s.", jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count(), jax.default_backend(),
+               host_memory.status())
   config = _CONFIG.value
   # The whole config is saved beside every checkpoint; the console gets its source and the overrides only.
   logging.info("Config %s, overrides %s", config_flags.get_config_filename(flags.FLAGS["config"]),

@@ -1,4 +1,5 @@
-"""Shared test setup: the repository root on sys.path and markers."""
+"""Shared test setup: the repository root on sys.path, markers, glibc's huge-page tunable for workers."""
+import os
 import pathlib
 import sys
 
@@ -12,6 +13,12 @@ if str(REPO_ROOT) not in sys.path:
 
 def pytest_configure(config):
   config.addinivalue_line("markers", "slow: takes more than ~30 s on a 2-core CPU (end-to-end runs).")
+  # The pytest-xdist workers and the processes tests start (dyngen.main, launchers) are started after this:
+  # they get the malloc tunable that dyngen.main gives itself (dyngen/host_memory.py). This process runs no
+  # test under -n, so it need not restart.
+  from dyngen import host_memory  # pylint: disable=g-import-not-at-top
+  if host_memory.restart_needed(os.environ):
+    os.environ["GLIBC_TUNABLES"] = host_memory.with_tunable(os.environ)
 
 
 @pytest.fixture(scope="session", autouse=True)
