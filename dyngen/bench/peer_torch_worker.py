@@ -1,0 +1,130 @@
+r"""The PyTorch side of `python -m dyngen.bench.peer`: one measurement of the official DiT in this process.
+
+  TORCH_PYTHON dyngen/bench/peer_torch_worker.py --official_dit=DiT --what=train --batch=8 --warmup=2 --repeats=5
+
+Imports only torch, the standard library and the official code of facebookresearch/DiT at ed81ce2
+(`--official_dit`: its models.py, which needs timm, and diffusion/); dyngen never imports this file and torch
+is no dependency of dyngen. What each `--what` runs is in the docstring of dyngen/bench/peer.py. Prints, last,
+`RESULT {json}` with every timed repeat's wall, process CPU and kernel CPU seconds and minor page faults.
+"""
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+
+
+def timed(fn, warmup, repeats):
+  """As dyngen.bench.peer.timed (this file cannot import dyngen)."""
+  times = {"wall_s": [], "cpu_s": [], "sys_s": [], "minor_faults": []}
+  for i in range(warmup + repeats):
+    before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    fn()
+    wall, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
+    if i >= warmup:
+      times["wall_s"].append(wall)
+      times["cpu_s"].append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
+      times["sys_s"].append(after.ru_stime - before.ru_stime)
+      times["minor_faults"].append(after.ru_minflt - before.ru_minflt)
+  return times
+
+
+def parse_args():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--official_dit", required=True, help="A checkout of facebookresearch/DiT (ed81ce2).")
+  parser.add_argument("--what", required=True, choices=["train", "forward", "sample", "sample_cfg"])
+  parser.add_argument("--batch", type=int, default=8)
+  parser.add_argument("--warmup", type=int, default=1)
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+  parser.add_argument("--sample_steps", type=int, default=50)
+  parser.add_argument("--cfg_scale", type=float, default=1.5)
+  parser.add_argument("--hidden_size", type=int, default=384)
+  parser.add_argument("--num_heads", type=int, default=6)
+  parser.add_argument("--patch_size", type=int, default=2)
+  parser.add_argument("--depth", type=int, default=12)
+  return parser.parse_args()
+
+
+def main():
+  args = parse_args()
+  for name in ("models.py", os.path.join("diffusion", "__init__.py")):
+    if not os.path.isfile(os.path.join(args.official_dit, name)):
+      sys.exit(f"--official_dit={args.official_dit!r} has no {name}: it must be a checkout of facebookresearch/DiT "
+               "at ed81ce2.")
+  sys.path.insert(0, args.official_dit)
+  import torch
+  from diffusion import create_diffusion  # The official diffusion/ package.
+  from models import DiT  # The official models.py.
+
+  torch.set_num_threads(args.threads)
+  torch.manual_seed(0)
+  # DiT-S/2's shape by default; input 32x32x4, 1000 classes, learned sigma, label dropout 0.1 (the defaults).
+  model = DiT(input_size=32, patch_size=args.patch_size, hidden_size=args.hidden_size, depth=args.depth,
+              num_heads=args.num_heads, num_classes=1000)
+  with torch.no_grad():  # Off the zero init of adaLN and the final layer, as dyngen's worker does.
+    for parameter in model.parameters():
+      if parameter.requires_grad:
+        parameter.add_(0.01)
+  generator = torch.Generator().manual_seed(1)
+  x = torch.randn(args.batch, 4, 32, 32, generator=generator)
+  y = torch.randint(0, 1000, (args.batch,), generator=generator)
+  result = {"framework": "torch", "version": torch.__version__, "what": args.what, "batch": args.batch,
+            "threads": torch.get_num_threads(), "compile_s": 0.0}
+  out = {}
+
+  if args.what == "train":  # The step of the official train.py (its VAE encoding aside: x stands for latents).
+    ema = DiT(input_size=32, patch_size=args.patch_size, hidden_size=args.hidden_size, depth=args.depth,
+              num_heads=args.num_heads, num_classes=1000)
+    ema.load_state_dict(model.state_dict())
+    ema.requires_grad_(False)
+    ema.eval()
+    diffusion = create_diffusion(timestep_respacing="")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0)
+    model.train()
+    pairs = list(zip(ema.parameters(), model.parameters()))
+
+    def call():
+      t = torch.randint(0, diffusion.num_timesteps, (args.batch,))
+      loss = diffusion.training_losses(model, x, t, dict(y=y))["loss"].mean()
+      optimizer.zero_grad()
+      loss.backward()
+      optimizer.step()
+      with torch.no_grad():  # The EMA of train.py: ema = 0.9999 ema + 0.0001 param, parameter by parameter.
+        for ema_parameter, parameter in pairs:
+          ema_parameter.mul_(0.9999).add_(parameter.data, alpha=1 - 0.9999)
+      out["loss"] = loss.item()
+    warmup = args.warmup
+  else:
+    torch.set_grad_enabled(False)  # As the official sample.py.
+    model.eval()
+    if args.what == "forward":
+      t = torch.full((args.batch,), 500, dtype=torch.long)
+      call, warmup = (lambda: model(x, t, y)), args.warmup
+    else:
+      diffusion = create_diffusion(str(args.sample_steps))
+      if args.what == "sample_cfg":  # As sample.py: [z; z], [y; null], forward_with_cfg.
+        z = torch.cat([x, x])
+        model_fn, kwargs = model.forward_with_cfg, dict(y=torch.cat([y, torch.full_like(y, 1000)]),
+                                                       cfg_scale=args.cfg_scale)
+      else:
+        z, model_fn, kwargs = x, model.forward, dict(y=y)
+      t = torch.full((z.shape[0],), 500, dtype=torch.long)
+      for _ in range(args.warmup):  # Model calls at the loop's batch, not whole loops.
+        model_fn(z, t, **kwargs)
+
+      def call():
+        out["samples"] = diffusion.p_sample_loop(model_fn, z.shape, z, clip_denoised=False, model_kwargs=kwargs,
+                                                 progress=False, device="cpu")
+      warmup = 0
+  result.update(timed(call, warmup, args.repeats))
+  if "loss" in out and not torch.isfinite(torch.tensor(out["loss"])):
+    sys.exit(f"non-finite loss {out['loss']}")
+  if "samples" in out and not torch.isfinite(out["samples"]).all():
+    sys.exit("non-finite samples")
+  print("RESULT " + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+  main()
