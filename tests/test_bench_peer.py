@@ -82,6 +82,7 @@ def test_the_table_and_the_last_line(tiny_run):
   assert cells[6] == f"– / {100 * row['flops_xla'] / row['jax_s'] / 100e9:.0f}%"
   assert "/tmp" not in markdown.split("\n")[2]  # The command shown names no path of this machine.
   assert "Not a quiet host" not in markdown  # --max_load=1000 --max_foreign=1
+  assert f"dyngen/host_memory.py): dyngen's worker: {saved['results'][0]['host_memory']}." in markdown
   busy = peer.report(saved["rows"], dict(saved["context"], max_foreign=-1.0))
   assert "**Not a quiet host** (load average" in busy and busy.endswith(peer.SETUP)
 

@@ -29,7 +29,9 @@ official models.py and diffusion/ from `--official_dit`), alternating round by r
 each round, so that slow drifts of the host hit both. A worker reports every timed repeat (wall, process CPU,
 kernel CPU and minor page faults from getrusage); a row gives the median over the rounds of each round's
 median, and the per-round ratios. dyngen's compile time is reported apart. Both use every core the process may
-run on (`--threads` for PyTorch; XLA:CPU's default). Without `--torch_python` the dyngen rows run alone.
+run on (`--threads` for PyTorch; XLA:CPU's default). dyngen's worker starts as `python -m dyngen.main` does
+(`host_memory.reexec_with_tunables()`: glibc malloc with huge pages, unless GLIBC_TUNABLES names the tunable);
+PyTorch's gets the driver's environment. Without `--torch_python` the dyngen rows run alone.
 
 Quiet host: first the 1-minute load average must fall to `--max_load` (60 s steps, `--wait_minutes` at most).
 Before each worker, the CPU share other processes use is sampled from /proc/stat for 2 s, and the driver waits
@@ -63,6 +65,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dyngen import configs
+from dyngen import host_memory
 from dyngen import models
 from dyngen import sharding
 from dyngen import throughput
@@ -185,7 +188,7 @@ def jax_worker():
                 "label": rng.integers(0, config.model.num_classes, (batch_size,), dtype=np.int32)}
   batch = sharding.make_global_batch(host_batch, run.batch_sharding)
   result = {"framework": "jax", "version": jax.__version__, "what": FLAGS.what, "batch": batch_size,
-            "device": jax.devices()[0].device_kind}
+            "device": jax.devices()[0].device_kind, "host_memory": host_memory.status()}
   box = {"state": state}
 
   def compile_timed(jitted, *args):
@@ -418,8 +421,8 @@ def table(rows):
         fmt(row["torch_s"], 3), fmt(row["jax_s"], 3),
         "–" if row["speedup"] != row["speedup"] else f"**{row['speedup']:.2f}×**",
         ", ".join(f"{x:.2f}" for x in row["round_ratios"]) or "–",
-        both("peak_fraction", digits=0, scale=100, unit="%"), both("cpu_s"), f"{kernel('torch')} / {kernel('jax')}", fmt(row["jax_compile_s"], 1),
-        fmt(row["foreign_share_max"], 0, 100)])
+        both("peak_fraction", digits=0, scale=100, unit="%"), both("cpu_s"), f"{kernel('torch')} / {kernel('jax')}",
+        fmt(row["jax_compile_s"], 1), fmt(row["foreign_share_max"], 0, 100)])
   return measure.markdown_table(header, lines)
 
 
@@ -459,7 +462,11 @@ def report(rows, context):
       f"{torch_part}; dyngen on jax {versions.get('jax', '?')} (XLA:CPU). {context['rounds']} round(s)"
       f"{' (--quick)' if context['quick'] else ''}, each measurement in fresh processes, the frameworks "
       "alternating with the order flipped each round; seconds are medians of per-round medians, dyngen's compile "
-      f"apart. Extra environment of both workers: {' '.join(context['env']) or 'none'}.", "",
+      f"apart. Extra environment of both workers: {' '.join(context['env']) or 'none'}. Host memory (dyngen's "
+      "worker starts as `python -m dyngen.main` does, dyngen/host_memory.py): dyngen's worker: "
+      f"{context['host_memory'].get('jax', '?')}" + (
+          f"; PyTorch's: GLIBC_TUNABLES={context['host_memory'].get('torch') or '(unset)'}" if context["torch"]
+          else "") + ".", "",
       f"Machine: {context['peak_text']} = {context['peak_gflops']:.0f} GFLOP/s fp32 peak"
       f"{' (--peak_gflops)' if context['peak_given'] else ''}. Load average (1/5/15 min) {context['load_start']} "
       f"at the start, {context['load_end']} at the end; waited {context['load_wait_min']:.0f} min for the load "
@@ -547,6 +554,7 @@ def run_driver():
     analytic = analytic_flops(case, batch, settings["variant"], settings["depth"], settings["sample_steps"])
     rows.append(summarise(case, label, results, peak_gflops * 1e9, analytic))
   versions = {r["framework"]: r["version"] for r in results}
+  memory = {r["framework"]: r.get("host_memory", r.get("glibc_tunables")) for r in results}
   depth = f", depth {settings['depth']}" if settings["depth"] else ""
   context = dict(
       command=shown_command(sys.argv), model=f"DiT-{settings['variant']}{depth}",
@@ -555,7 +563,7 @@ def run_driver():
       peak_text=peak_text, peak_gflops=peak_gflops, peak_given=bool(FLAGS.peak_gflops),
       load_start=load_start, load_end=load_average(), load_wait_min=host.load_wait_s / 60,
       gate_wait_min=host.gate_wait_s / 60, max_foreign=FLAGS.max_foreign, max_load=FLAGS.max_load,
-      retries=FLAGS.retries, minutes=(time.time() - start) / 60)
+      retries=FLAGS.retries, host_memory=memory, minutes=(time.time() - start) / 60)
   measure.write_report(report(rows, context), FLAGS.output, rows={"rows": rows, "context": context,
                                                                    "results": results}, json_output=FLAGS.json)
   print(last_line(rows))
@@ -564,6 +572,7 @@ def run_driver():
 def main(argv):
   del argv
   if FLAGS.worker == "jax":
+    host_memory.reexec_with_tunables()  # As dyngen.main does first: dyngen as its users run it.
     jax_worker()
   else:
     run_driver()

@@ -71,7 +71,8 @@ def main():
   x = torch.randn(args.batch, 4, 32, 32, generator=generator)
   y = torch.randint(0, 1000, (args.batch,), generator=generator)
   result = {"framework": "torch", "version": torch.__version__, "what": args.what, "batch": args.batch,
-            "threads": torch.get_num_threads(), "compile_s": 0.0}
+            "threads": torch.get_num_threads(), "compile_s": 0.0,
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
   out = {}
 
   if args.what == "train":  # The step of the official train.py (its VAE encoding aside: x stands for latents).
