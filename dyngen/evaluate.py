@@ -27,6 +27,7 @@ from absl import flags
 import numpy as np
 
 from dyngen import cli_errors
+from dyngen import host_memory
 from dyngen import progress as progress_lib
 
 FLAGS = flags.FLAGS
@@ -243,4 +244,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  host_memory.reexec_with_tunables()  # As dyngen.main: malloc with huge pages (dyngen/host_memory.py).
   cli_errors.run(main)

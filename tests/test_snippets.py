@@ -24,6 +24,7 @@ launch/colab.md is run by tests/test_user_errors.py (test_colab_recipe_runs_on_a
 launch/colab.ipynb by tests/test_colab_notebook.py; launch/localhost.sh's commands by tests/test_multiprocess.py.
 """
 import json
+import os
 import pathlib
 import re
 import shlex
@@ -35,6 +36,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+
+from dyngen import host_memory
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = REPO_ROOT / "README.md"
@@ -259,9 +262,9 @@ def filled_command(words, tmp_path, extra_flags=()):
   return [sys.executable, *filled, *TINY_OVERRIDES[(words[2], flag_value(words, "config"))], *extra_flags]
 
 
-def run_documented(words, tmp_path, extra_flags=(), timeout=900):
+def run_documented(words, tmp_path, extra_flags=(), timeout=900, env=None):
   result = subprocess.run(filled_command(words, tmp_path, extra_flags), cwd=REPO_ROOT, capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, env=env)
   assert result.returncode == 0, (" ".join(words), result.stderr[-5000:])
   return result
 
@@ -317,8 +320,8 @@ def test_readme_convert_and_sample_commands_run(tmp_path):
 
 @pytest.mark.slow
 def test_readme_quickstart_and_smoke_commands_run(tmp_path, digits_data_dir):
-  # The README's first command (after `pip install -e .`, checked above), the flow quickstart of
-  # docs/flow_matching.md and the README's one-minute smoke run.
+  # The README's first command (after `pip install -e .`, checked above), rerun (it resumes) and in
+  # --mode=sample; the flow quickstart of docs/flow_matching.md and the README's one-minute smoke run.
   data = (f"--config.data.data_dir={digits_data_dir}",)
   (quickstart,) = [w for w in runnable_commands("dyngen.main") if flag_value(w, "config") == "configs/quickstart.py"]
   result = run_documented(quickstart, tmp_path, data)
@@ -336,6 +339,20 @@ def test_readme_quickstart_and_smoke_commands_run(tmp_path, digits_data_dir):
   assert (workdir / "parameters.txt").read_text().count("blocks_0/") >= 8
   results = json.loads((workdir / "samples" / "eval_step_4.json").read_text())
   assert results["num_samples"] == 100
+  assert 0 <= results["classifier_accuracy_on_samples"] <= 1 and results["frechet_distance"] >= 0
+  assert results["classifier_test_accuracy"] > 0.9  # The digits classifier is a good judge of real digits.
+
+  # The same command again resumes: it finds step 4 and has nothing left to train. Started without
+  # GLIBC_TUNABLES (conftest gives it to the test processes), dyngen.main restarts itself with it.
+  environ = {name: value for name, value in os.environ.items() if name != "GLIBC_TUNABLES"}
+  console = run_documented(quickstart, tmp_path, data, env=environ).stderr
+  assert "Resumed from step 4" in console
+  if host_memory.restart_needed(environ):
+    assert "host memory: glibc malloc with glibc.malloc.hugetlb=1" in console
+  run_documented(quickstart, tmp_path, data + ("--mode=sample", "--config.sample.num_samples=20"))
+  (npz,) = (workdir / "samples").glob("*_n20.npz")
+  with np.load(npz) as arrays:
+    assert arrays["arr_0"].dtype == np.uint8 and arrays["arr_0"].shape == (20, 8, 8, 1)
 
   # The flow quickstart (README.md and docs/flow_matching.md give the same command).
   flows = [w for w in runnable_commands("dyngen.main") if flag_value(w, "config") == "configs/flow_quickstart.py"]

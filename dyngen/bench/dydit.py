@@ -48,6 +48,7 @@ import numpy as np
 
 from dyngen import checkpoint as checkpoint_lib
 from dyngen import diffusion as diffusion_lib
+from dyngen import host_memory
 from dyngen import models
 from dyngen.bench import measure
 from dyngen.recipes import families
@@ -376,4 +377,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  host_memory.reexec_with_tunables()  # As dyngen.main: malloc with huge pages (dyngen/host_memory.py).
   app.run(main)

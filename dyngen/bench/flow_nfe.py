@@ -24,6 +24,7 @@ import jax
 import ml_collections
 
 from dyngen import checkpoint
+from dyngen import host_memory
 from dyngen.bench import measure
 from dyngen.train import evaluation
 from dyngen.train import sample as sample_lib
@@ -116,5 +117,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  host_memory.reexec_with_tunables()  # As dyngen.main: malloc with huge pages (dyngen/host_memory.py).
   jax.config.parse_flags_with_absl()
   app.run(main)

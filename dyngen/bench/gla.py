@@ -16,6 +16,7 @@ from absl import flags
 import jax
 import jax.numpy as jnp
 
+from dyngen import host_memory
 from dyngen.bench import measure
 from dyngen.pallas_kernels import gla
 
@@ -85,4 +86,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  host_memory.reexec_with_tunables()  # As dyngen.main: malloc with huge pages (dyngen/host_memory.py).
   app.run(main)

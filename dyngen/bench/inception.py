@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dyngen import host_memory
 from dyngen.bench import measure
 from dyngen.evaluation import adm_metrics
 from dyngen.evaluation import frechet
@@ -135,4 +136,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  host_memory.reexec_with_tunables()  # As dyngen.main: malloc with huge pages (dyngen/host_memory.py).
   app.run(main)

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dyngen import host_memory
 from dyngen import latent
 from dyngen.bench import measure
 from dyngen.latent import weights as weights_lib
@@ -106,4 +107,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  host_memory.reexec_with_tunables()  # As dyngen.main: malloc with huge pages (dyngen/host_memory.py).
   app.run(main)
