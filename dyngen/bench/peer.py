@@ -70,6 +70,7 @@ from dyngen import models
 from dyngen import sharding
 from dyngen import throughput
 from dyngen.bench import measure
+from dyngen.bench.peer_timing import timed
 
 FLAGS = flags.FLAGS
 # The driver.
@@ -135,24 +136,6 @@ CASES = (
 )
 LAST_LINE = (("speedup_train_b32", "train_b32"), ("speedup_train_b8", "train_b8"),
              ("speedup_sample_cfg", "sample_cfg"), ("speedup_forward", "forward"))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The worker's timing (the PyTorch worker times the same way, in its own file: it cannot import dyngen).
-
-def timed(fn, warmup, repeats):
-  """Runs fn warmup + repeats times; per timed run: wall, process CPU, kernel CPU seconds and minor faults."""
-  times = {"wall_s": [], "cpu_s": [], "sys_s": [], "minor_faults": []}
-  for i in range(warmup + repeats):
-    before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-    fn()
-    wall, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
-    if i >= warmup:
-      times["wall_s"].append(wall)
-      times["cpu_s"].append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
-      times["sys_s"].append(after.ru_stime - before.ru_stime)
-      times["minor_faults"].append(after.ru_minflt - before.ru_minflt)
-  return times
 
 
 def experiment_config(variant, depth, batch, sample_steps):

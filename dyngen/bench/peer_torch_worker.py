@@ -10,24 +10,10 @@ is no dependency of dyngen. What each `--what` runs is in the docstring of dynge
 import argparse
 import json
 import os
-import resource
 import sys
-import time
 
-
-def timed(fn, warmup, repeats):
-  """As dyngen.bench.peer.timed (this file cannot import dyngen)."""
-  times = {"wall_s": [], "cpu_s": [], "sys_s": [], "minor_faults": []}
-  for i in range(warmup + repeats):
-    before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-    fn()
-    wall, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
-    if i >= warmup:
-      times["wall_s"].append(wall)
-      times["cpu_s"].append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
-      times["sys_s"].append(after.ru_stime - before.ru_stime)
-      times["minor_faults"].append(after.ru_minflt - before.ru_minflt)
-  return times
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # peer_timing.py, beside this file.
+from peer_timing import timed  # noqa: E402  (standard library only; dyngen is not importable here)
 
 
 def parse_args():
