@@ -367,16 +367,12 @@ def render() -> str:
   return "\n".join(lines).rstrip() + "\n"
 
 
-_OUTPUT_FLAG = flags.DEFINE_string("output", str(OUTPUT), "Where to write the markdown reference.")
-_CHECK = flags.DEFINE_bool("check", False, "Only compare with --output; exit 1 if it is stale.")
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   text = render()
-  output = pathlib.Path(_OUTPUT_FLAG.value)
-  if _CHECK.value:
+  output = pathlib.Path(flags.FLAGS.output)
+  if flags.FLAGS.check:
     if not output.exists() or output.read_text() != text:
       print(f"{output} is stale: run `{COMMAND}` and commit it", file=sys.stderr)
       sys.exit(1)
@@ -388,5 +384,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # Defined here, not at import: tests import this module beside benchmarks that define --output too.
+  flags.DEFINE_string("output", str(OUTPUT), "Where to write the markdown reference.")
+  flags.DEFINE_bool("check", False, "Only compare with --output; exit 1 if it is stale.")
   from dyngen import cli_errors  # pylint: disable=g-import-not-at-top
   cli_errors.run(main)
