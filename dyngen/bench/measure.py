@@ -53,21 +53,26 @@ def default_memory_budget():
   return None if available is None else int(0.8 * available)
 
 
+def xla_flops(compiled):
+  """FLOPs of a compiled program from XLA's cost analysis (None where it gives none); a loop body counts once."""
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # Older jax returned one dict per device.
+    cost = cost[0] if cost else None
+  return (cost or {}).get("flops")
+
+
 def measure(fn, *args, repeats=3, warmup=1, memory_budget_bytes=None, static_argnums=(), run=True):
   """Compiles and times `fn(*args)` (only compiles with run=False); see module docstring."""
   start = time.perf_counter()
   compiled = jax.jit(fn, static_argnums=static_argnums).lower(*args).compile()
   compile_s = time.perf_counter() - start
   memory = compiled.memory_analysis()
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):  # Older jax returned one dict per device.
-    cost = cost[0] if cost else None
   measurement = Measurement(
       compile_s=compile_s,
       temp_bytes=int(memory.temp_size_in_bytes),
       argument_bytes=int(memory.argument_size_in_bytes),
       output_bytes=int(memory.output_size_in_bytes),
-      flops=(cost or {}).get("flops"),
+      flops=xla_flops(compiled),
       times_s=[],
       fits=True,
   )

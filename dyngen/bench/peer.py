@@ -71,6 +71,7 @@ from dyngen import sharding
 from dyngen import throughput
 from dyngen.bench import measure
 from dyngen.bench.peer_timing import timed
+from dyngen.models import flops as model_flops
 
 FLAGS = flags.FLAGS
 # The driver.
@@ -178,9 +179,7 @@ def jax_worker():
     start = time.perf_counter()
     compiled = jitted.lower(*args).compile()
     result["compile_s"] = time.perf_counter() - start
-    cost = compiled.cost_analysis()
-    cost = (cost[0] if cost else {}) if isinstance(cost, (list, tuple)) else (cost or {})
-    result["flops"] = cost.get("flops")
+    result["flops"] = measure.xla_flops(compiled)
     result["temp_bytes"] = int(compiled.memory_analysis().temp_size_in_bytes)
     return compiled
 
@@ -271,7 +270,7 @@ def analytic_flops(case, batch, variant, depth, sample_steps):
   model_config = experiment_config(variant, depth, batch, sample_steps).model
   if case.what == "train":
     return throughput.training_flops_per_image(model_config) * batch
-  forward = throughput.training_flops_per_image(model_config) / 3
+  forward = 2 * sum(model_flops.count_flops(model_config).values())  # Per image: 2 FLOPs per multiply-add.
   if case.what == "forward":
     return forward * batch
   return forward * batch * (2 if case.what == "sample_cfg" else 1) * sample_steps
