@@ -19,6 +19,7 @@ def peer_command(*flags):
   return [sys.executable, "-m", "dyngen.bench.peer", *flags]
 
 
+CASE = {case.name: case for case in peer.CASES}
 TINY = ("--variant=S/8", "--depth=1", "--batch=1", f"--sample_steps={STEPS}")
 
 
@@ -49,7 +50,7 @@ def test_the_workers_results(tiny_run):
   assert (train["framework"], train["what"], train["batch"]) == ("jax", "train", 1)
   assert (sample["framework"], sample["name"], sample["what"], sample["batch"]) == ("jax", "sample_cfg",
                                                                                     "sample_cfg", 1)
-  for result, repeats in ((train, 2), (sample, peer.CASES[-1].quick[1])):
+  for result, repeats in ((train, 2), (sample, CASE["sample_cfg"].quick[1])):
     assert all(len(result[key]) == repeats for key in ("wall_s", "cpu_s", "sys_s", "minor_faults"))
     assert all(wall > 0 for wall in result["wall_s"]) and result["compile_s"] > 0
   assert sum(sample["wall_s"]) < sample["process_wall_s"] and 0 <= sample["foreign_share"] <= 1
@@ -61,10 +62,10 @@ def test_xla_flops_agree_with_the_analytic_count(tiny_run):
   # At this size (16 tokens, one block) the label and time embeddings, norms and the loss weigh in, which the
   # analytic count (matmuls only) leaves out; a loop counted per step, or not at all, would be 4x off.
   train = tiny_run[3]
-  analytic = peer.analytic_flops(peer.CASES[0], 1, "S/8", 1, STEPS)
+  analytic = peer.analytic_flops(CASE["train_b8"], 1, "S/8", 1, STEPS)
   assert 1.0 < train["flops"] / analytic < 1.6
   (row,) = tiny_run[2]["rows"]
-  assert row["flops_analytic"] == peer.analytic_flops(peer.CASES[-1], 1, "S/8", 1, STEPS)
+  assert row["flops_analytic"] == peer.analytic_flops(CASE["sample_cfg"], 1, "S/8", 1, STEPS)
   assert 0.8 < row["flops_xla"] / row["flops_analytic"] < 1.2
 
 
@@ -96,12 +97,32 @@ def test_rows_from_both_frameworks(tiny_run):
     results.append(dict(jax_result, round=round_index))
     results.append(dict(jax_result, framework="torch", round=round_index, compile_s=0.0,
                         wall_s=[factor * wall for wall in jax_result["wall_s"]]))
-  row = peer.summarise(peer.CASES[0], "train", results, 100e9, analytic=1e9)
+  row = peer.summarise(CASE["train_b8"], "train", results, 100e9, analytic=1e9)
   assert row["round_ratios"] == pytest.approx([2.0, 3.0])
   assert row["speedup"] == pytest.approx(2.5)
   assert row["torch_peak_fraction"] == pytest.approx(row["jax_peak_fraction"] / 2.5)
   assert "| **2.50×** | 2.00, 3.00 |" in peer.table([row])
   assert peer.last_line([row]).split()[2:4] == ["speedup_train_b8", "2.500"]
+
+
+def test_the_attention_rows_measure_the_attention_core():
+  # The attention worker at DiT-S/8's 16 tokens, batch 2: the forward + backward program and the forward alone,
+  # both in one process each, run side by side. XLA counts the softmax's elementwise work that the analytic
+  # count (the two products forward, four more backward) leaves out: a few % at 16 tokens of 64 channels.
+  env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu"}
+  workers = {what: subprocess.Popen(peer_command("--worker=jax", f"--what={what}", "--warmup=1", "--repeats=2",
+                                                 "--variant=S/8", "--batch=2"),
+                                    cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for what in ("attention", "attention_forward")}
+  for what, worker in workers.items():
+    stdout, stderr = worker.communicate(timeout=300)
+    assert worker.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    result = json.loads(stdout.strip().splitlines()[-1][len("RESULT "):])
+    assert (result["what"], result["batch"], result["attention_implementation"]) == (what, 2, "dense")
+    assert len(result["wall_s"]) == 2 and all(wall > 0 for wall in result["wall_s"])
+    analytic = peer.analytic_flops(CASE[what], 2, "S/8", 0, STEPS)
+    assert analytic == (3 if what == "attention" else 1) * 2 * 2 * 2 * 6 * 16 * 16 * 64
+    assert 1.0 <= result["flops"] / analytic < 1.15
 
 
 def test_official_dit_must_hold_the_official_code(tmp_path):

@@ -17,6 +17,13 @@ off the zero init of adaLN and the final layer, in both, so that every branch co
                EMA parameter by parameter, loss.item().
   forward      the model at B=8, t=500, in eval mode (dyngen: `models.prediction_fn`, jitted; PyTorch: under
                no_grad, as the official sample.py).
+  attention, attention_forward   one layer's attention core at B=32 (DiT-S/2: 6 heads of 64, 256 tokens), from
+               the fused qkv projection's output to the output projection's input, with the layouts each model
+               uses: forward + backward of sum(core(qkv) * w), and the forward alone. dyngen:
+               `attention.dot_product_attention` with the config's implementation (on CPU `dense`) on the
+               (B, T, 3, H, Dh) output of the qkv DenseGeneral; PyTorch: what timm's Attention in the official
+               block runs there (reshape, permute, F.scaled_dot_product_attention, transpose back), the forward
+               under no_grad.
   sample, sample_cfg   50 DDPM steps (`--sample_steps`) at B=8 without guidance and with cfg 1.5 on 3 channels
                (the model at B=16: [z; z], [y; null]). dyngen: the trainer's Sampler (`Run.sampler()`, the
                program `--mode=sample` runs: one lax.scan); PyTorch: create_diffusion("50").p_sample_loop with
@@ -71,6 +78,7 @@ from dyngen import sharding
 from dyngen import throughput
 from dyngen.bench import measure
 from dyngen.bench.peer_timing import timed
+from dyngen.models import attention
 from dyngen.models import flops as model_flops
 
 FLAGS = flags.FLAGS
@@ -81,7 +89,8 @@ flags.DEFINE_string("torch_python", "", "A python with torch and timm: runs the 
                     "rows alone.")
 flags.DEFINE_bool("quick", False, "1 round and fewer repeats.")
 flags.DEFINE_integer("rounds", 0, "Rounds (0: 3, or 1 with --quick).")
-flags.DEFINE_list("only", [], "Measurements to run (default all): train_b8, train_b32, forward, sample, sample_cfg.")
+flags.DEFINE_list("only", [], "Measurements to run (default all): train_b8, train_b32, forward, sample, sample_cfg, "
+                  "attention, attention_forward.")
 flags.DEFINE_multi_string("env", [], "KEY=VALUE added to both workers' environment (repeatable).")
 flags.DEFINE_float("max_load", 1.5, "Wait until the 1-minute load average is at most this before starting.")
 flags.DEFINE_float("wait_minutes", 20, "At most this long for --max_load.")
@@ -101,7 +110,8 @@ flags.DEFINE_integer("sample_steps", 50, "DDPM steps of the sampling rows.")
 flags.DEFINE_float("cfg_scale", 1.5, "Guidance scale of sample_cfg.")
 # A worker.
 flags.DEFINE_enum("worker", "", ["", "jax"], "Run one dyngen measurement in this process (the driver starts it).")
-flags.DEFINE_enum("what", "train", ["train", "forward", "sample", "sample_cfg"], "The worker's measurement.")
+flags.DEFINE_enum("what", "train", ["train", "forward", "sample", "sample_cfg", "attention", "attention_forward"],
+                  "The worker's measurement.")
 flags.DEFINE_integer("warmup", 1, "The worker's untimed runs first.")
 flags.DEFINE_integer("repeats", 3, "The worker's timed runs.")
 
@@ -124,6 +134,9 @@ class Case:
       return f"train step B={batch} (loss + backward + AdamW + EMA)"
     if self.what == "forward":
       return f"forward B={batch} (eval, t=500)"
+    if self.what.startswith("attention"):
+      part = "forward" if self.what == "attention_forward" else "forward + backward"
+      return f"attention core B={batch}, one layer: {part}"
     guidance = f", cfg {cfg_scale:g} (model at B={2 * batch})" if self.what == "sample_cfg" else ""
     return f"{sample_steps}-step DDPM sampling B={batch}{guidance}"
 
@@ -134,6 +147,8 @@ CASES = (
     Case("forward", "forward", 8, full=(3, 10), quick=(2, 4)),
     Case("sample", "sample", 8, full=(2, 2), quick=(2, 1)),
     Case("sample_cfg", "sample_cfg", 8, full=(2, 2), quick=(2, 1)),
+    Case("attention", "attention", 32, full=(5, 20), quick=(3, 5)),
+    Case("attention_forward", "attention_forward", 32, full=(5, 20), quick=(3, 5)),
 )
 LAST_LINE = (("speedup_train_b32", "train_b32"), ("speedup_train_b8", "train_b8"),
              ("speedup_sample_cfg", "sample_cfg"), ("speedup_forward", "forward"))
@@ -154,12 +169,48 @@ def experiment_config(variant, depth, batch, sample_steps):
   return config
 
 
+def attention_shape(model_config):
+  """(tokens, heads, head_dim) of one layer of `model_config`."""
+  tokens = (model_config.input_size // model_config.patch_size) ** 2
+  return tokens, model_config.num_heads, model_config.hidden_size // model_config.num_heads
+
+
+def attention_worker(config, batch_size, result):
+  """The attention rows: the model's attention core alone, from its qkv projection's output layout."""
+  tokens, heads, head_dim = attention_shape(config.model)
+  implementation = config.model.get("attention", "auto")
+  result["attention_implementation"] = attention.resolve_implementation(implementation, tokens, jnp.float32)
+  rng = np.random.default_rng(1)
+  qkv = jnp.asarray(rng.standard_normal((batch_size, tokens, 3, heads, head_dim), dtype=np.float32))
+  weights = jnp.asarray(rng.standard_normal((batch_size, tokens, heads, head_dim), dtype=np.float32))
+
+  def core(qkv):
+    return attention.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], implementation,
+                                           config.model.get("attention_chunk_size", 1024))
+
+  if FLAGS.what == "attention":
+    fn = jax.jit(jax.grad(lambda qkv: jnp.sum(core(qkv) * weights)))
+  else:
+    fn = jax.jit(core)
+  start = time.perf_counter()
+  compiled = fn.lower(qkv).compile()
+  result["compile_s"] = time.perf_counter() - start
+  result["flops"] = measure.xla_flops(compiled)
+  result["temp_bytes"] = int(compiled.memory_analysis().temp_size_in_bytes)
+  result.update(timed(lambda: jax.block_until_ready(compiled(qkv)), FLAGS.warmup, FLAGS.repeats))
+  print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
 def jax_worker():
   """Runs FLAGS.what once in this process; prints `RESULT {json}` (times, compile_s, flops, versions)."""
-  from dyngen.train import trainer  # Here: it loads TensorFlow (clu's writers), which the driver needs not.
-
   batch_size = FLAGS.batch or 8
   config = experiment_config(FLAGS.variant, FLAGS.depth, batch_size, FLAGS.sample_steps)
+  if FLAGS.what.startswith("attention"):
+    return attention_worker(config, batch_size, {
+        "framework": "jax", "version": jax.__version__, "what": FLAGS.what, "batch": batch_size,
+        "device": jax.devices()[0].device_kind, "host_memory": host_memory.status()})
+  from dyngen.train import trainer  # Here: it loads TensorFlow (clu's writers), which the driver needs not.
+
   run = trainer.Run(config, check_dataset=False)
   shift = jax.jit(lambda state: state.replace(params=jax.tree.map(lambda p: p + 0.01, state.params),
                                               ema_params=jax.tree.map(lambda p: p + 0.01, state.ema_params)),
@@ -270,6 +321,10 @@ def analytic_flops(case, batch, variant, depth, sample_steps):
   model_config = experiment_config(variant, depth, batch, sample_steps).model
   if case.what == "train":
     return throughput.training_flops_per_image(model_config) * batch
+  if case.what.startswith("attention"):  # q kᵀ and p v, 2 FLOPs per multiply-add; the backward's 4 products.
+    tokens, heads, head_dim = attention_shape(model_config)
+    core = 2 * 2 * batch * heads * tokens * tokens * head_dim
+    return core if case.what == "attention_forward" else 3 * core
   forward = 2 * sum(model_flops.count_flops(model_config).values())  # Per image: 2 FLOPs per multiply-add.
   if case.what == "forward":
     return forward * batch
@@ -460,7 +515,8 @@ def report(rows, context):
       *warning,
       "GFLOP: one measurement's, from XLA's cost analysis of dyngen's compiled program (the sampling loop: its "
       "body's count times the steps) and from the analytic count (`dyngen.throughput`: matmuls, 2 FLOPs per "
-      "multiply-add, a training step 3x the forward). % of peak: XLA's count over the median seconds and the "
+      "multiply-add, a training step 3x the forward; the attention rows: the core's two products, 3x for forward "
+      "+ backward). % of peak: XLA's count over the median seconds and the "
       "peak, for both columns (same model, same work). Speedup: PyTorch s / dyngen s (> 1: dyngen is faster).",
       "", table(rows), "", "## Rerun", "", SETUP])
 

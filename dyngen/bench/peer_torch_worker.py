@@ -19,7 +19,8 @@ from peer_timing import timed  # noqa: E402  (standard library only; dyngen is n
 def parse_args():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--official_dit", required=True, help="A checkout of facebookresearch/DiT (ed81ce2).")
-  parser.add_argument("--what", required=True, choices=["train", "forward", "sample", "sample_cfg"])
+  parser.add_argument("--what", required=True, choices=["train", "forward", "sample", "sample_cfg", "attention",
+                                                            "attention_forward"])
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--warmup", type=int, default=1)
   parser.add_argument("--repeats", type=int, default=3)
@@ -31,6 +32,20 @@ def parse_args():
   parser.add_argument("--patch_size", type=int, default=2)
   parser.add_argument("--depth", type=int, default=12)
   return parser.parse_args()
+
+
+def attention_core(attn, torch):
+  """What timm's Attention (the official block's `attn`) runs between its qkv and proj linears: (B, N, 3C) ->
+  (B, N, C). Its fused path (F.scaled_dot_product_attention), the one DiT's blocks take on torch 2."""
+  heads = attn.num_heads
+
+  def core(qkv):
+    batch, tokens, three_width = qkv.shape
+    q, k, v = qkv.reshape(batch, tokens, 3, heads, three_width // (3 * heads)).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)  # Identity in DiT (qk_norm off).
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    return out.transpose(1, 2).reshape(batch, tokens, three_width // 3)
+  return core
 
 
 def main():
@@ -61,7 +76,24 @@ def main():
             "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
   out = {}
 
-  if args.what == "train":  # The step of the official train.py (its VAE encoding aside: x stands for latents).
+  if args.what.startswith("attention"):  # One block's attention core (see attention_core).
+    tokens, width = (32 // args.patch_size) ** 2, args.hidden_size
+    qkv = torch.randn(args.batch, tokens, 3 * width, generator=generator)
+    weights = torch.randn(args.batch, tokens, width, generator=generator)
+    core = attention_core(model.blocks[0].attn, torch)
+    result["fused_attn"] = bool(getattr(model.blocks[0].attn, "fused_attn", False))
+    if args.what == "attention":
+      qkv.requires_grad_(True)
+
+      def call():
+        (core(qkv) * weights).sum().backward()
+        qkv.grad = None
+    else:
+      def call():
+        with torch.no_grad():
+          core(qkv)
+    warmup = args.warmup
+  elif args.what == "train":  # The step of the official train.py (its VAE encoding aside: x stands for latents).
     ema = DiT(input_size=32, patch_size=args.patch_size, hidden_size=args.hidden_size, depth=args.depth,
               num_heads=args.num_heads, num_classes=1000)
     ema.load_state_dict(model.state_dict())
