@@ -175,40 +175,44 @@ def attention_shape(model_config):
   return tokens, model_config.num_heads, model_config.hidden_size // model_config.num_heads
 
 
-def attention_worker(config, batch_size, result):
-  """The attention rows: the model's attention core alone, from its qkv projection's output layout."""
+def compile_timed(jitted, args, result):
+  """jitted lowered and compiled for `args`; its compile seconds, XLA FLOPs and temporaries go into `result`."""
+  start = time.perf_counter()
+  compiled = jitted.lower(*args).compile()
+  result["compile_s"] = time.perf_counter() - start
+  result["flops"] = measure.xla_flops(compiled)
+  result["temp_bytes"] = int(compiled.memory_analysis().temp_size_in_bytes)
+  return compiled
+
+
+def attention_call(config, batch_size, result):
+  """The attention rows' timed call: the model's attention core alone, on its qkv projection's output layout."""
+  model = models.build(config.model)
   tokens, heads, head_dim = attention_shape(config.model)
-  implementation = config.model.get("attention", "auto")
-  result["attention_implementation"] = attention.resolve_implementation(implementation, tokens, jnp.float32)
+  result["attention_implementation"] = attention.resolve_implementation(model.attention, tokens, jnp.float32)
   rng = np.random.default_rng(1)
   qkv = jnp.asarray(rng.standard_normal((batch_size, tokens, 3, heads, head_dim), dtype=np.float32))
   weights = jnp.asarray(rng.standard_normal((batch_size, tokens, heads, head_dim), dtype=np.float32))
 
   def core(qkv):
-    return attention.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], implementation,
-                                           config.model.get("attention_chunk_size", 1024))
+    return attention.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], model.attention,
+                                           model.attention_chunk_size)
 
-  if FLAGS.what == "attention":
-    fn = jax.jit(jax.grad(lambda qkv: jnp.sum(core(qkv) * weights)))
-  else:
-    fn = jax.jit(core)
-  start = time.perf_counter()
-  compiled = fn.lower(qkv).compile()
-  result["compile_s"] = time.perf_counter() - start
-  result["flops"] = measure.xla_flops(compiled)
-  result["temp_bytes"] = int(compiled.memory_analysis().temp_size_in_bytes)
-  result.update(timed(lambda: jax.block_until_ready(compiled(qkv)), FLAGS.warmup, FLAGS.repeats))
-  print(RESULT_PREFIX + json.dumps(result), flush=True)
+  fn = jax.jit(jax.grad(lambda qkv: jnp.sum(core(qkv) * weights)) if FLAGS.what == "attention" else core)
+  compiled = compile_timed(fn, (qkv,), result)
+  return lambda: jax.block_until_ready(compiled(qkv))
 
 
 def jax_worker():
   """Runs FLAGS.what once in this process; prints `RESULT {json}` (times, compile_s, flops, versions)."""
   batch_size = FLAGS.batch or 8
   config = experiment_config(FLAGS.variant, FLAGS.depth, batch_size, FLAGS.sample_steps)
+  result = {"framework": "jax", "version": jax.__version__, "what": FLAGS.what, "batch": batch_size,
+            "device": jax.devices()[0].device_kind, "host_memory": host_memory.status()}
   if FLAGS.what.startswith("attention"):
-    return attention_worker(config, batch_size, {
-        "framework": "jax", "version": jax.__version__, "what": FLAGS.what, "batch": batch_size,
-        "device": jax.devices()[0].device_kind, "host_memory": host_memory.status()})
+    result.update(timed(attention_call(config, batch_size, result), FLAGS.warmup, FLAGS.repeats))
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+    return
   from dyngen.train import trainer  # Here: it loads TensorFlow (clu's writers), which the driver needs not.
 
   run = trainer.Run(config, check_dataset=False)
@@ -222,21 +226,11 @@ def jax_worker():
   host_batch = {"image": rng.standard_normal((batch_size, size, size, channels), dtype=np.float32),
                 "label": rng.integers(0, config.model.num_classes, (batch_size,), dtype=np.int32)}
   batch = sharding.make_global_batch(host_batch, run.batch_sharding)
-  result = {"framework": "jax", "version": jax.__version__, "what": FLAGS.what, "batch": batch_size,
-            "device": jax.devices()[0].device_kind, "host_memory": host_memory.status()}
   box = {"state": state}
-
-  def compile_timed(jitted, *args):
-    start = time.perf_counter()
-    compiled = jitted.lower(*args).compile()
-    result["compile_s"] = time.perf_counter() - start
-    result["flops"] = measure.xla_flops(compiled)
-    result["temp_bytes"] = int(compiled.memory_analysis().temp_size_in_bytes)
-    return compiled
 
   with run.context():
     if FLAGS.what == "train":
-      step = compile_timed(run.compiled_train_step(), box["state"], batch)
+      step = compile_timed(run.compiled_train_step(), (box["state"], batch), result)
 
       def call():
         box["state"], metrics = jax.block_until_ready(step(box["state"], batch))
@@ -245,7 +239,7 @@ def jax_worker():
       apply = lambda params, x, t, y: models.prediction_fn(run.model, params)(x, t, y)
       t = jnp.full((batch_size,), 500, jnp.int32)
       args = (state.params, batch["image"], t, batch["label"])
-      forward = compile_timed(jax.jit(apply), *args)
+      forward = compile_timed(jax.jit(apply), args, result)
       call = lambda: jax.block_until_ready(forward(*args))
     else:
       guided = FLAGS.what == "sample_cfg"
@@ -254,7 +248,7 @@ def jax_worker():
       args = (state.ema_params, labels, jax.random.PRNGKey(0), jnp.float32(FLAGS.cfg_scale if guided else 1.0))
       # The jitted program Sampler.sample_batch calls (what --mode=sample runs), lowered here so that its
       # compile is timed apart.
-      loop = compile_timed(sampler._compiled_fn(guided), *args)  # pylint: disable=protected-access
+      loop = compile_timed(sampler._compiled_fn(guided), args, result)  # pylint: disable=protected-access
       # XLA counts a loop's body once: its count of the program is one step's (the work around the loop, the
       # starting noise, is tiny), and the measurement's is that times the steps.
       result["flops_per_step"] = result["flops"]
