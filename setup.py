@@ -36,6 +36,8 @@ setuptools.setup(
     # loads by name after `pip install` (dyngen.configs.get("dit_xl", "XL/2")).
     packages=setuptools.find_packages(include=["dyngen", "dyngen.*"]) + ["dyngen.configs"],
     package_dir={"dyngen.configs": "configs"},
+    # The C++ kernels are compiled on the host that first runs them (dyngen/cpu_kernels/build.py).
+    package_data={"dyngen.cpu_kernels": ["*.cc"]},
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require={

@@ -1,8 +1,12 @@
 """Softmax self-attention with a selectable implementation.
 
+  cpu_fused  dyngen's C++ kernel for XLA:CPU (`dyngen.cpu_kernels.attention`): each (batch, head)'s products
+             and softmax on tiles that stay in cache, q, k, v read in place from the qkv projection, the
+             backward recomputing probabilities from the saved logsumexp. float32; built for the host on
+             first use. About twice as fast as `dense` on CPU (docs/cpu_kernels.md).
   dense      the (T, T) scores per head materialised, with a hand-written backward that reuses the
              saved exponentials (autodiff of the plain form re-derives the softmax Jacobian in more passes
-             over (T, T) and transposes the scores between layouts). The fastest form on XLA:CPU below
+             over (T, T) and transposes the scores between layouts). The fastest XLA form on CPU below
              `AUTO_CHUNK_MIN_TOKENS`; exact in float64 too.
   xla        `jax.nn.dot_product_attention` in its XLA form (materialises the (T, T) scores per head;
              softmax in float32, so float64 inputs go to `dense`).
@@ -12,8 +16,9 @@
              so only one (chunk, T) score block per head is alive. Runs on any backend; what to pick for
              long sequences where no fused kernel exists (XLA on CPU).
   pallas_tpu the Pallas flash-attention kernel shipped with JAX (TPU only).
-  auto       pallas_tpu on TPU, cudnn on GPU for half precision; on CPU chunked from
-             `AUTO_CHUNK_MIN_TOKENS` tokens, dense below; xla otherwise.
+  auto       pallas_tpu on TPU, cudnn on GPU for half precision; on CPU cpu_fused for float32 where the
+             kernel builds, otherwise chunked from `AUTO_CHUNK_MIN_TOKENS` tokens and dense below; xla
+             otherwise.
 """
 
 import functools
@@ -21,7 +26,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ("auto", "dense", "xla", "cudnn", "chunked", "pallas_tpu")
+from dyngen.cpu_kernels import attention as cpu_attention
+
+IMPLEMENTATIONS = ("auto", "cpu_fused", "dense", "xla", "cudnn", "chunked", "pallas_tpu")
 # Above this many tokens the (T, T) score matrices dominate memory on CPU (several are live per layer).
 AUTO_CHUNK_MIN_TOKENS = 2048
 
@@ -37,6 +44,8 @@ def resolve_implementation(implementation, num_tokens, dtype, backend=None):
   if backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
     return "cudnn"
   if backend == "cpu":
+    if jnp.dtype(dtype) == jnp.float32 and cpu_attention.available():
+      return "cpu_fused"
     return "chunked" if num_tokens >= AUTO_CHUNK_MIN_TOKENS else "dense"
   return "xla"
 
@@ -170,9 +179,22 @@ def _pallas_tpu_attention(q, k, v):
   return out.swapaxes(1, 2)
 
 
+def self_attention(qkv, implementation="auto", chunk_size=1024):
+  """Non-causal multi-head attention on a fused projection's output. qkv: (B, T, 3, H, Dh) -> (B, T, H, Dh).
+
+  The form the models call: `cpu_fused` reads it in place, the others take its three slices.
+  """
+  implementation = resolve_implementation(implementation, qkv.shape[1], qkv.dtype)
+  if implementation == "cpu_fused":
+    return cpu_attention.fused_attention(qkv)
+  return dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], implementation, chunk_size)
+
+
 def dot_product_attention(q, k, v, implementation="auto", chunk_size=1024):
   """Non-causal multi-head attention. q, k, v: (B, T, H, Dh) -> (B, T, H, Dh)."""
   implementation = resolve_implementation(implementation, q.shape[1], q.dtype)
+  if implementation == "cpu_fused":
+    return cpu_attention.fused_attention(jnp.stack([q, k, v], axis=2))
   if q.dtype == jnp.float64 and implementation == "xla":  # jax.nn takes its softmax in float32.
     implementation = "dense"
   if implementation == "dense":

@@ -22,8 +22,7 @@ class Attention(nn.Module):
         kernel_init=layers.partitioned(layers.xavier_uniform_fused(width, 3 * width),
                                        ("embed", None, "heads", "kv")),
         bias_init=layers.partitioned(layers.zeros, (None, "heads", "kv")), name="qkv")(x)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    out = attention.dot_product_attention(q, k, v, self.implementation, self.chunk_size)
+    out = attention.self_attention(qkv, self.implementation, self.chunk_size)
     if head_mask is not None:  # (B, H): DyDiT's per-head width routing multiplies before the projection.
       out = out * head_mask[:, None, :, None].astype(out.dtype)
     return layers.DenseGeneral(

@@ -95,8 +95,7 @@ def block(model: dydit.Model, g, x, cond: layers.Conditioning, tokens: int, inde
   h = layers.modulate(_layer_norm(x, dtype), shift_msa, scale_msa).astype(dtype)
   count = g["qkv_bias"].shape[0] // (3 * head_dim)  # gathered heads
   qkv = linear(h, g["qkv_kernel"], g["qkv_bias"], dtype).reshape(batch, num_tokens, 3, count, head_dim)
-  out = attention_lib.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], model.attention,
-                                            model.attention_chunk_size)  # (B, N, h, Dh)
+  out = attention_lib.self_attention(qkv, model.attention, model.attention_chunk_size)  # (B, N, h, Dh)
   out = linear(out.reshape(batch, num_tokens, -1), g["proj_kernel"], g["proj_bias"], dtype)
   x = x + gate_msa[:, None] * out
 
