@@ -127,7 +127,7 @@ def test_the_attention_rows_measure_the_attention_core():
     analytic = peer.analytic_flops(CASE[what], 2, "S/8", 0, STEPS)
     assert analytic == (3 if what == "attention" else 1) * 2 * 2 * 2 * 6 * 16 * 16 * 64
     if expected == "cpu_fused":
-      assert (result["flops"] or 0) < 0.1 * analytic
+      assert result["flops"] is None or result["flops"] < 0.1 * analytic  # a custom call counts -1, "unknown"
     else:  # XLA counts the softmax's elementwise work too: a few % at 16 tokens of 64 channels.
       assert 1.0 <= result["flops"] / analytic < 1.15
 

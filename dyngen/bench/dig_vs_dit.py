@@ -4,8 +4,10 @@ r"""DiG-S/2 against DiT-S/2, batch 1, forward+backward, over growing token count
 
 For each token count (image side = 2 * sqrt(tokens) latent pixels at patch 2) it compiles the gradient of
 sum(model(x)^2) with respect to the parameters for
-  DiT, plain XLA attention        (what `attention="xla"` gives; XLA on CPU has no fused attention),
-  DiT, query-chunked attention    (what a user would pick instead for long sequences),
+  DiT, plain XLA attention        (what `attention="xla"` gives: the (T, T) scores per head in memory),
+  DiT, query-chunked attention    (what a user would pick instead for long sequences under XLA),
+  DiT, fused CPU attention        (on CPU where it builds: dyngen's C++ kernel, `auto`'s choice there; its
+                                   per-thread scratch, about 2 MiB, is outside XLA's memory_analysis),
   DiG, the configured GLA implementation,
 all with the same remat and block-scan policy (by default each block rematerialised, the blocks under one
 lax.scan: `model.scan_blocks`), reads XLA's compiled memory (`memory_analysis`, no run needed) and times
@@ -21,6 +23,7 @@ import ml_collections
 from dyngen import host_memory
 from dyngen import models
 from dyngen.bench import measure
+from dyngen.cpu_kernels import attention as cpu_attention
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("tokens", ["256", "1024", "4096", "12544", "16384"], "Token counts (squares of even grids).")
@@ -36,11 +39,16 @@ flags.DEFINE_integer("gla_chunk_size", 64, "GLA chunk size of DiG.")
 flags.DEFINE_bool("compile_only", False, "Only compile and read memory_analysis (no timed runs).")
 flags.DEFINE_string("output", "", "Also write the markdown table here.")
 
-CANDIDATES = (
-    ("DiT, plain attention", "dit", dict(attention="xla")),
-    ("DiT, chunked attention", "dit", dict(attention="chunked")),
-    ("DiG", "dig", dict()),
-)
+PLAIN = ("DiT, plain attention", "dit", dict(attention="xla"))
+CHUNKED = ("DiT, chunked attention", "dit", dict(attention="chunked"))
+FUSED = ("DiT, fused CPU attention", "dit", dict(attention="cpu_fused"))
+DIG = ("DiG", "dig", dict())
+
+
+def candidates():
+  """The rows per token count; the first rows are the DiT baselines that the ratio columns divide by."""
+  fused = jax.default_backend() == "cpu" and cpu_attention.available()
+  return (PLAIN, CHUNKED, FUSED, DIG) if fused else (PLAIN, CHUNKED, DIG)
 
 
 def model_config(family, tokens, overrides):
@@ -66,8 +74,10 @@ def timed(tokens):
 def run_benchmark():
   budget = measure.default_memory_budget()
   rows, results = [], {}
+  rows_per_tokens = candidates()
+  baselines = [label for label, family, _ in rows_per_tokens if family == "dit"]
   for tokens in map(int, FLAGS.tokens):
-    for label, family, overrides in CANDIDATES:
+    for label, family, overrides in rows_per_tokens:
       config = model_config(family, tokens, overrides)
       model = models.build(config)
       x = jax.random.normal(jax.random.key(1), (1, config.input_size, config.input_size, config.in_channels))
@@ -83,9 +93,7 @@ def run_benchmark():
             f"median {result.median_s:8.3f} s  temp {measure.gib(result.temp_bytes):7.2f} GiB"
             + ("" if result.fits else "  (does not fit: not run)"), flush=True)
   for tokens in map(int, FLAGS.tokens):
-    plain = results[tokens, CANDIDATES[0][0]]
-    chunked = results[tokens, CANDIDATES[1][0]]
-    for label, _, _ in CANDIDATES:
+    for label, _, _ in rows_per_tokens:
       r = results[tokens, label]
       time_cell = "not timed" if not timed(tokens) else f"{r.median_s:.3f}" if r.fits else "does not fit"
 
@@ -95,10 +103,11 @@ def run_benchmark():
         return f"{getattr(a, attr) / getattr(b, attr):.2f}"
 
       rows.append([tokens, label, f"{r.compile_s:.1f}", time_cell, f"{measure.gib(r.peak_bytes):.2f}",
-                   ratio(r, plain, "median_s"), ratio(r, chunked, "median_s"),
-                   ratio(r, plain, "peak_bytes"), ratio(r, chunked, "peak_bytes")])
-  header = ["tokens", "model", "compile s", "fwd+bwd median s", "compiled peak GiB", "time / DiT plain",
-            "time / DiT chunked", "memory / DiT plain", "memory / DiT chunked"]
+                   *(ratio(r, results[tokens, b], "median_s") for b in baselines),
+                   *(ratio(r, results[tokens, b], "peak_bytes") for b in baselines)])
+  short = lambda label: label.replace(" attention", "").replace(",", "")
+  header = ["tokens", "model", "compile s", "fwd+bwd median s", "compiled peak GiB",
+            *(f"time / {short(b)}" for b in baselines), *(f"memory / {short(b)}" for b in baselines)]
   device = jax.devices()[0]
   text = (f"DiG-{FLAGS.variant} vs DiT-{FLAGS.variant}, batch 1, forward+backward (grad of sum(out^2)), "
           f"remat={FLAGS.remat}, scan_blocks={FLAGS.scan_blocks}, DiT chunk {FLAGS.attention_chunk_size}, "

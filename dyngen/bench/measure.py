@@ -54,11 +54,16 @@ def default_memory_budget():
 
 
 def xla_flops(compiled):
-  """FLOPs of a compiled program from XLA's cost analysis (None where it gives none); a loop body counts once."""
+  """FLOPs of a compiled program from XLA's cost analysis (None where it gives none); a loop body counts once.
+
+  A custom call adds -1 ("unknown") to XLA's count: a program that is mostly one (the fused CPU attention
+  alone) comes out negative, which is None here too.
+  """
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):  # Older jax returned one dict per device.
     cost = cost[0] if cost else None
-  return (cost or {}).get("flops")
+  flops = (cost or {}).get("flops")
+  return flops if flops is None or flops >= 0 else None
 
 
 def measure(fn, *args, repeats=3, warmup=1, memory_budget_bytes=None, static_argnums=(), run=True):

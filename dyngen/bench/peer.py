@@ -508,10 +508,12 @@ def report(rows, context):
       f"{context['minutes']:.1f} min.", "",
       *warning,
       "GFLOP: one measurement's, from XLA's cost analysis of dyngen's compiled program (the sampling loop: its "
-      "body's count times the steps) and from the analytic count (`dyngen.throughput`: matmuls, 2 FLOPs per "
-      "multiply-add, a training step 3x the forward; the attention rows: the core's two products, 3x for forward "
-      "+ backward). % of peak: XLA's count over the median seconds and the "
-      "peak, for both columns (same model, same work). Speedup: PyTorch s / dyngen s (> 1: dyngen is faster).",
+      "body's count times the steps; XLA does not see inside custom calls, so it leaves out the fused CPU "
+      "attention's products, and gives none for the attention rows) and from the analytic count "
+      "(`dyngen.throughput`: matmuls, 2 FLOPs per multiply-add, a training step 3x the forward; the attention "
+      "rows: the core's two products, 3x for forward + backward). % of peak: the analytic count over the median "
+      "seconds and the peak, for both columns (same model, same work). Speedup: PyTorch s / dyngen s (> 1: "
+      "dyngen is faster).",
       "", table(rows), "", "## Rerun", "", SETUP])
 
 
