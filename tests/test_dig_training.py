@@ -12,7 +12,7 @@ import pytest
 from dyngen import data as data_lib
 from dyngen.train import trainer
 
-STEPS = 150
+STEPS = 100
 
 
 def held_out_loss(run, params, images, labels):
@@ -52,8 +52,9 @@ def test_dig_loss_falls_like_dit(tmp_path, tiny_config):
   dig_initial, dig_final = train_and_measure(tmp_path, dig_config)
   # Both start from an adaLN-Zero model that predicts eps = 0 (loss ~ E|eps|^2 + vb ~ 1).
   assert dit_initial == pytest.approx(dig_initial, rel=0.05)
-  # Measured: both fall to well under half in 150 steps. DiG must learn at least about as well as DiT:
-  # the bound allows DiG's final loss to be 25% above DiT's (different block, same budget).
+  # Measured: both fall to well under half in 100 steps (1.01 -> 0.20 for DiT, 0.17 for DiG). DiG must learn
+  # at least about as well as DiT: the bound allows DiG's final loss to be 25% above DiT's (different block,
+  # same budget).
   assert dit_final < 0.6 * dit_initial
   assert dig_final < 0.6 * dig_initial
   assert dig_final < 1.25 * dit_final, (dig_final, dit_final)

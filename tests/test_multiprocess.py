@@ -278,9 +278,11 @@ def test_process_flags_without_distributed_are_refused(tmp_path):
 
 
 def test_localhost_launcher_stops_when_a_process_fails(tmp_path):
-  # Both processes refuse a missing config file at once; the launcher reports it and fails.
+  # Both processes refuse a missing config file; the launcher reports the first to fail and stops the other,
+  # which may not have got as far as writing its own error.
   result = subprocess.run(["bash", str(LOCALHOST_SH), "2", "1", f"--config={tmp_path}/missing.py",
                            f"--workdir={tmp_path}/run"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, PYTHON=sys.executable, PORT=str(free_port())), check=False)
   assert result.returncode == 1 and "a process failed: see ./process_*.log" in result.stderr
-  assert "missing.py" in (tmp_path / "process_0.log").read_text()
+  logs = [(tmp_path / f"process_{i}.log").read_text() for i in range(2)]
+  assert any("missing.py" in log for log in logs), logs
