@@ -98,7 +98,7 @@ def load(name, handlers):
   try:
     library = ctypes.cdll.LoadLibrary(str(path))
   except OSError as e:
-    raise BuildError(f"loading {path} failed: {e}") from e
+    raise BuildError(f"loading {path} failed ({e}); delete it to have it built again") from e
   for target, symbol in handlers:
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
   return library
