@@ -282,14 +282,27 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, const Body& body) {
   state->all_done.wait(lock, [&] { return state->done.load() == n; });
 }
 
+// Where one (batch, head) work unit's rows start: in qkv (and d_qkv) its q; k and v follow H * Dh later. In
+// out (and d_out) its output rows; in the logsumexp its T statistics.
+struct HeadOffsets {
+  int64_t qkv, out, log_sum_exp, qkv_part;
+  HeadOffsets(const Geometry& g, int64_t unit) {
+    const int64_t b = unit / g.heads, h = unit % g.heads;
+    qkv = b * g.length * g.qkv_ld() + h * g.head_dim;
+    out = b * g.length * g.out_ld() + h * g.head_dim;
+    log_sum_exp = unit * g.length;
+    qkv_part = g.heads * g.head_dim;
+  }
+};
+
 void ForwardHead(const Geometry& g, const float* qkv, float* out, float* log_sum_exp, int64_t unit) {
-  const int64_t b = unit / g.heads, h = unit % g.heads, T = g.length, D = g.head_dim;
-  const int64_t ld = g.qkv_ld(), out_ld = g.out_ld(), rows = g.block_rows();
-  const float* q = qkv + b * T * ld + h * D;
-  const float* k = q + g.heads * D;
-  const float* v = k + g.heads * D;
-  float* o = out + b * T * out_ld + h * D;
-  float* lse = log_sum_exp + unit * T;
+  const int64_t T = g.length, D = g.head_dim, ld = g.qkv_ld(), out_ld = g.out_ld(), rows = g.block_rows();
+  const HeadOffsets at(g, unit);
+  const float* q = qkv + at.qkv;
+  const float* k = q + at.qkv_part;
+  const float* v = k + at.qkv_part;
+  float* o = out + at.out;
+  float* lse = log_sum_exp + at.log_sum_exp;
   Scratch& s = Scratch::Get();
   for (auto* buffer : {&s.queries, &s.keys_t, &s.values}) Reserve(*buffer, T * D);
   Reserve(s.probs, rows * T);
@@ -307,17 +320,17 @@ void ForwardHead(const Geometry& g, const float* qkv, float* out, float* log_sum
 
 void BackwardHead(const Geometry& g, const float* qkv, const float* out, const float* log_sum_exp,
                   const float* d_out, float* d_qkv, int64_t unit) {
-  const int64_t b = unit / g.heads, h = unit % g.heads, T = g.length, D = g.head_dim;
-  const int64_t ld = g.qkv_ld(), out_ld = g.out_ld(), rows = g.block_rows();
+  const int64_t T = g.length, D = g.head_dim, ld = g.qkv_ld(), out_ld = g.out_ld(), rows = g.block_rows();
   const float scale = g.scale();
-  const float* q = qkv + b * T * ld + h * D;
-  const float* k = q + g.heads * D;
-  const float* v = k + g.heads * D;
-  float* dq = d_qkv + b * T * ld + h * D;
-  float* dk = dq + g.heads * D;
-  float* dv = dk + g.heads * D;
-  const float* o = out + b * T * out_ld + h * D;
-  const float* lse = log_sum_exp + unit * T;
+  const HeadOffsets at(g, unit);
+  const float* q = qkv + at.qkv;
+  const float* k = q + at.qkv_part;
+  const float* v = k + at.qkv_part;
+  float* dq = d_qkv + at.qkv;
+  float* dk = dq + at.qkv_part;
+  float* dv = dk + at.qkv_part;
+  const float* o = out + at.out;
+  const float* lse = log_sum_exp + at.log_sum_exp;
   Scratch& s = Scratch::Get();
   for (auto* buffer : {&s.queries, &s.keys, &s.keys_t, &s.values_t, &s.d_out}) Reserve(*buffer, T * D);
   Reserve(s.probs, rows * T);
@@ -329,7 +342,7 @@ void BackwardHead(const Geometry& g, const float* qkv, const float* out, const f
   PackRows(k, ld, T, D, s.keys.data());
   PackTransposed(k, ld, T, D, s.keys_t.data());
   PackTransposed(v, ld, T, D, s.values_t.data());
-  PackRows(d_out + b * T * out_ld + h * D, out_ld, T, D, s.d_out.data());
+  PackRows(d_out + at.out, out_ld, T, D, s.d_out.data());
   for (int64_t i0 = 0; i0 < T; i0 += rows) {
     const int64_t m = std::min(rows, T - i0);
     const bool accumulate = i0 > 0;  // dk, dv sum over query blocks

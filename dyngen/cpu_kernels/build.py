@@ -75,7 +75,7 @@ def library_path(name):
   if target.exists():
     return target
   target.parent.mkdir(parents=True, exist_ok=True)
-  logging.info("Building dyngen's CPU %s kernel for this host into %s (once; about 10 s).", name, target)
+  logging.info("Building dyngen's CPU %s kernel for this host into %s (once; a few seconds).", name, target)
   fd, scratch = tempfile.mkstemp(suffix=".so", dir=target.parent)
   os.close(fd)
   command = [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", str(source), "-o", scratch]
